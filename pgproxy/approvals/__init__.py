@@ -1,0 +1,1 @@
+"""Approval holds: the request store, reviewer notification, and the review pages."""

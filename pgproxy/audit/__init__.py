@@ -1,0 +1,1 @@
+"""The audit trail: typed records, the DuckDB writer, tamper evidence, analyst access."""

@@ -1,0 +1,1 @@
+"""Pure policy: classification, lineage, decisions, masking plans, diagnostic scrubbing."""

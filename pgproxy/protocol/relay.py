@@ -1,0 +1,796 @@
+"""The steady-state relay: one client, one upstream backend, one policy, no I/O.
+
+After authentication every byte between the agent and Postgres passes through ``Relay``:
+``client_data()`` / ``server_data()`` take bytes; ``to_server`` / ``to_client`` accumulate what
+must be written; ``events`` says what happened (statements admitted and finished, holds
+requested). The server drains all three after each call.
+
+How a statement is stopped without desynchronising anyone: the client's message is replaced by
+a *substitute* that Postgres rejects at once (a Query or Parse of text that is a syntax error,
+an Execute of a portal that does not exist), and the server's ErrorResponse for it is replaced by
+the policy's error. So the upstream enters exactly the error state the client is told about —
+aborted transaction, skip-until-Sync in the extended protocol — and both sides stay in step.
+
+Responses are matched to requests through a queue of ``_Pending`` entries, one per request that
+gets an answer (protocol section 55.2.3: responses come in request order, and after an error
+the server discards extended-protocol messages up to Sync). Runs of messages nobody rewrites are
+forwarded as their original bytes, one write per read batch.
+"""
+
+from __future__ import annotations
+
+import itertools
+import struct
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from pgproxy.policy.seam import (
+    PASS_ROWS,
+    Action,
+    FieldInfo,
+    RowPlan,
+    SessionPolicy,
+    StatementContext,
+    Verdict,
+)
+from pgproxy.protocol import codes
+from pgproxy.protocol import messages as m
+from pgproxy.protocol.errors import PeerProtocolError
+from pgproxy.protocol.framing import FrameBuffer
+
+#: Text Postgres rejects at parse time; it never reaches the executor.
+BLOCKED_SQL = "pgproxy: statement withheld by policy"
+
+_I32 = struct.Struct("!i")
+_I16 = struct.Struct("!H")
+
+# request kinds awaiting a response
+_QUERY, _PARSE, _BIND, _DESCRIBE, _EXECUTE, _CLOSE, _SYNC, _FUNCTION = range(8)
+_ENDS_AT_READY = (_QUERY, _SYNC, _FUNCTION)
+
+# tags as ints
+T_AUTH, T_KEY = ord("R"), ord("K")
+T_PARSE_COMPLETE, T_BIND_COMPLETE, T_CLOSE_COMPLETE = ord("1"), ord("2"), ord("3")
+T_COMMAND_COMPLETE, T_DATA_ROW, T_ERROR, T_NOTICE = ord("C"), ord("D"), ord("E"), ord("N")
+T_EMPTY, T_NO_DATA, T_SUSPENDED, T_READY = ord("I"), ord("n"), ord("s"), ord("Z")
+T_PARAM_STATUS, T_PARAM_DESC, T_ROW_DESC = ord("S"), ord("t"), ord("T")
+T_NOTIFY, T_FUNC_RESULT = ord("A"), ord("V")
+T_COPY_IN, T_COPY_OUT, T_COPY_BOTH, T_COPY_DATA, T_COPY_DONE = (
+    ord("G"), ord("H"), ord("W"), ord("d"), ord("c"),
+)  # fmt: skip
+F_QUERY, F_PARSE, F_BIND, F_DESCRIBE, F_EXECUTE = ord("Q"), ord("P"), ord("B"), ord("D"), ord("E")
+F_CLOSE, F_SYNC, F_FLUSH, F_TERMINATE, F_FUNCTION = ord("C"), ord("S"), ord("H"), ord("X"), ord("F")
+F_COPY_DATA, F_COPY_DONE, F_COPY_FAIL = ord("d"), ord("c"), ord("f")
+
+
+# ------------------------------------------------------------------------------------ events
+
+
+@dataclass(frozen=True, slots=True)
+class StatementAdmitted:
+    """A statement was decided (whatever the decision) and its request sent upstream."""
+
+    statement_id: int
+    sql: str
+    verdict: Verdict
+    origin: str
+
+
+@dataclass(frozen=True, slots=True)
+class StatementFinished:
+    statement_id: int
+    verdict: Verdict
+    rows: int
+    sqlstate: str
+    masked_cells: int
+
+
+@dataclass(frozen=True, slots=True)
+class HoldRequested:
+    """The relay stopped reading the client until ``release()`` is called."""
+
+    statement_id: int
+    sql: str
+    params: tuple[bytes | None, ...]
+    verdict: Verdict
+
+
+@dataclass(frozen=True, slots=True)
+class Terminated:
+    """The client sent Terminate: close both connections once the buffers are written."""
+
+
+@dataclass(frozen=True, slots=True)
+class ProtocolViolation:
+    """The peer broke the protocol; the error has been queued for the client; close."""
+
+    message: str
+    by_client: bool
+
+
+Event = StatementAdmitted | StatementFinished | HoldRequested | Terminated | ProtocolViolation
+
+
+# ------------------------------------------------------------------------------ bookkeeping
+
+
+@dataclass(slots=True)
+class _Statement:
+    sql: str
+    verdict: Verdict
+    fields: tuple[m.Field, ...] | None = None
+
+
+@dataclass(slots=True)
+class _Portal:
+    statement: _Statement | None
+    bind: m.Bind
+    fields: tuple[m.Field, ...] | None = None
+    described: bool = False
+
+
+@dataclass(slots=True)
+class _Pending:
+    kind: int
+    verdict: Verdict | None = None
+    statement_id: int = 0
+    #: our error to send in place of the server's (the request was a substitute)
+    replace_error: bytes | None = None
+    #: responses are for pgproxy's own bookkeeping and must not reach the client
+    internal: bool = False
+    statement: _Statement | None = None
+    portal: _Portal | None = None
+    describe_kind: bytes = b""
+    # result streaming state
+    plan: RowPlan | None = None
+    index: int = 0
+    rows: int = 0
+    masked: int = 0
+    sqlstate: str = ""
+    #: a result was cut short by policy: drop the rest of this request's output
+    stopped: bool = False
+    finished: bool = False
+
+
+@dataclass(slots=True)
+class _Held:
+    frame_bytes: bytes
+    tag: int
+    statement_id: int
+    verdict: Verdict
+    portal: _Portal | None
+
+
+@dataclass
+class RelayStats:
+    bytes_from_client: int = 0
+    bytes_to_client: int = 0
+    statements: int = 0
+    masked_cells: int = 0
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+def _field_info(f: m.Field, fmt: int) -> FieldInfo:
+    return FieldInfo(f.name, f.table_oid, f.attnum, f.type_oid, f.type_size, f.type_mod, fmt)
+
+
+def split_row(body: bytes | memoryview) -> list[bytes | None]:
+    """The column values of a DataRow body."""
+    buf = bytes(body)
+    (n,) = _I16.unpack_from(buf, 0)
+    pos = 2
+    out: list[bytes | None] = []
+    unpack = _I32.unpack_from
+    for _ in range(n):
+        (length,) = unpack(buf, pos)
+        pos += 4
+        if length < 0:
+            out.append(None)
+        else:
+            out.append(buf[pos : pos + length])
+            pos += length
+    if pos != len(buf):
+        raise PeerProtocolError("DataRow has trailing bytes")
+    return out
+
+
+class Relay:
+    """One agent session's message stream after authentication. See the module docstring."""
+
+    def __init__(
+        self,
+        policy: SessionPolicy,
+        *,
+        agent: str,
+        database: str,
+        max_message_size: int = 1 << 30,
+    ) -> None:
+        self.policy = policy
+        self.agent = agent
+        self.database = database
+        self.to_client = bytearray()
+        self.to_server = bytearray()
+        self.events: list[Event] = []
+        self.stats = RelayStats()
+        self.transaction_status = b"I"
+        self.closed = False
+        self._client = FrameBuffer(max_message_size)
+        self._server = FrameBuffer(max_message_size)
+        self._pending: deque[_Pending] = deque()
+        self._statements: dict[str, _Statement] = {}
+        self._portals: dict[str, _Portal] = {}
+        self._ids = itertools.count(1)
+        self._held: _Held | None = None
+        #: client bytes that arrived while a statement was held
+        self._deferred = bytearray()
+        #: the client must not see the server's answers again before the next Sync
+        self._client_skip_to_sync = False
+        self._in_copy_in = False
+
+    # ----------------------------------------------------------------------- client side
+
+    @property
+    def holding(self) -> bool:
+        return self._held is not None
+
+    def client_data(self, data: bytes) -> None:
+        """Bytes from the agent."""
+        self.stats.bytes_from_client += len(data)
+        if self._held is not None:
+            self._deferred += data
+            return
+        try:
+            chunk, frames = self._client.feed(data)
+            self._client_frames(chunk, frames, 0)
+        except PeerProtocolError as exc:
+            self._violation(exc.message, exc.sqlstate, by_client=True)
+
+    def _client_frames(self, chunk: bytes, frames: list[tuple[int, int, int]], first: int) -> None:
+        out = self.to_server
+        run_start = -1  # start of a run of frames forwarded unchanged
+        for i in range(first, len(frames)):
+            tag, start, end = frames[i]
+            if self._client_skip_to_sync and tag != F_SYNC:
+                if run_start >= 0:
+                    out += chunk[run_start:start]
+                    run_start = -1
+                continue
+            if tag in (F_BIND, F_DESCRIBE, F_CLOSE, F_FLUSH, F_COPY_DATA, F_COPY_DONE, F_COPY_FAIL):
+                # forwarded as is; Bind/Describe/Close need bookkeeping
+                if tag == F_BIND:
+                    self._on_bind(chunk, start, end)
+                elif tag == F_DESCRIBE:
+                    self._on_describe(chunk, start, end)
+                elif tag == F_CLOSE:
+                    self._pending.append(_Pending(_CLOSE))
+                elif tag == F_COPY_DONE or tag == F_COPY_FAIL:
+                    self._in_copy_in = False
+                if run_start < 0:
+                    run_start = start
+                continue
+            # everything else may be replaced: flush the unchanged run first
+            if run_start >= 0:
+                out += chunk[run_start:start]
+                run_start = -1
+            if tag == F_SYNC:
+                self._client_skip_to_sync = False
+                self._pending.append(_Pending(_SYNC))
+                out += chunk[start:end]
+            elif tag == F_QUERY:
+                if not self._on_query(chunk, start, end):
+                    self._defer(chunk, frames, i + 1)
+                    return
+            elif tag == F_PARSE:
+                self._on_parse(chunk, start, end)
+            elif tag == F_EXECUTE:
+                if not self._on_execute(chunk, start, end):
+                    self._defer(chunk, frames, i + 1)
+                    return
+            elif tag == F_FUNCTION:
+                self._on_function(chunk, start, end)
+            elif tag == F_TERMINATE:
+                out += chunk[start:end]
+                self.events.append(Terminated())
+                self.closed = True
+                return
+            else:
+                raise PeerProtocolError(f"unexpected message type {chr(tag)!r} from the client")
+        if run_start >= 0:
+            out += chunk[run_start : frames[-1][2]]
+
+    def _defer(self, chunk: bytes, frames: list[tuple[int, int, int]], nxt: int) -> None:
+        """A statement is held: keep every later client byte until it is released."""
+        if nxt < len(frames):
+            self._deferred[:0] = chunk[frames[nxt][1] :]
+        self._deferred += self._client.take_rest()
+
+    def _ctx(self, origin: str, name: str = "", types: tuple[int, ...] = ()) -> StatementContext:
+        return StatementContext(self.agent, self.database, origin, name, types)
+
+    def _decide(self, sql: str, ctx: StatementContext) -> Verdict:
+        try:
+            return self.policy.statement(sql, ctx)
+        except Exception:  # fail closed: a policy crash is a block
+            return Verdict(
+                Action.BLOCK,
+                ("internal policy error",),
+                message="statement blocked: internal policy error",
+            )
+
+    def _admit(self, sql: str, verdict: Verdict, origin: str) -> int:
+        sid = next(self._ids)
+        self.stats.statements += 1
+        key = verdict.action.value
+        self.stats.counts[key] = self.stats.counts.get(key, 0) + 1
+        self.events.append(StatementAdmitted(sid, sql, verdict, origin))
+        return sid
+
+    def _on_query(self, chunk: bytes, start: int, end: int) -> bool:
+        sql = m.Query.decode(memoryview(chunk)[start + 5 : end]).sql
+        verdict = self._decide(sql, self._ctx("query"))
+        sid = self._admit(sql, verdict, "query")
+        if verdict.action is Action.HOLD:
+            self._held = _Held(chunk[start:end], F_QUERY, sid, verdict, None)
+            self.events.append(HoldRequested(sid, sql, (), verdict))
+            return False
+        self._send_query(chunk[start:end], sid, verdict)
+        return True
+
+    def _send_query(self, raw: bytes, sid: int, verdict: Verdict) -> None:
+        if verdict.admits:
+            self.to_server += raw
+            self._pending.append(_Pending(_QUERY, verdict, sid))
+        else:
+            self.to_server += m.Query(BLOCKED_SQL).encode()
+            self._pending.append(
+                _Pending(_QUERY, verdict, sid, replace_error=_policy_error(verdict))
+            )
+
+    def _on_parse(self, chunk: bytes, start: int, end: int) -> None:
+        msg = m.Parse.decode(memoryview(chunk)[start + 5 : end])
+        verdict = self._decide(msg.sql, self._ctx("parse", msg.name, msg.param_types))
+        stmt = _Statement(msg.sql, verdict)
+        self._statements[msg.name] = stmt
+        if verdict.action is Action.BLOCK:
+            sid = self._admit(msg.sql, verdict, "parse")
+            self.to_server += m.Parse(msg.name, BLOCKED_SQL, msg.param_types).encode()
+            self._pending.append(
+                _Pending(_PARSE, verdict, sid, replace_error=_policy_error(verdict), statement=stmt)
+            )
+            self.events.append(StatementFinished(sid, verdict, 0, codes.INSUFFICIENT_PRIVILEGE, 0))
+            return
+        # admitted and held statements are both prepared upstream: preparing runs nothing.
+        # A held one is stopped at Execute, where its parameters are known.
+        self.to_server += chunk[start:end]
+        self._pending.append(_Pending(_PARSE, verdict, statement=stmt))
+
+    def _on_bind(self, chunk: bytes, start: int, end: int) -> None:
+        bind = m.Bind.decode(memoryview(chunk)[start + 5 : end])
+        stmt = self._statements.get(bind.statement)
+        self._portals[bind.portal] = _Portal(stmt, bind)
+        self._pending.append(_Pending(_BIND))
+
+    def _on_describe(self, chunk: bytes, start: int, end: int) -> None:
+        msg = m.Describe.decode(memoryview(chunk)[start + 5 : end])
+        p = _Pending(_DESCRIBE, describe_kind=msg.kind)
+        if msg.kind == b"S":
+            p.statement = self._statements.get(msg.name)
+        else:
+            p.portal = self._portals.get(msg.name)
+            if p.portal is not None:
+                p.portal.described = True
+        self._pending.append(p)
+
+    def _on_execute(self, chunk: bytes, start: int, end: int) -> bool:
+        msg = m.Execute.decode(memoryview(chunk)[start + 5 : end])
+        portal = self._portals.get(msg.portal)
+        stmt = portal.statement if portal is not None else None
+        if portal is None or stmt is None:
+            # unknown to us, so unknown upstream too: Postgres answers with its own error
+            self.to_server += chunk[start:end]
+            self._pending.append(_Pending(_EXECUTE))
+            return True
+        verdict = stmt.verdict
+        sid = self._admit(stmt.sql, verdict, "execute")
+        if verdict.action is Action.HOLD:
+            self._held = _Held(chunk[start:end], F_EXECUTE, sid, verdict, portal)
+            self.events.append(HoldRequested(sid, stmt.sql, portal.bind.params, verdict))
+            return False
+        self._send_execute(chunk[start:end], sid, verdict, portal)
+        return True
+
+    def _send_execute(self, raw: bytes, sid: int, verdict: Verdict, portal: _Portal) -> None:
+        if not verdict.admits:
+            self.to_server += m.Execute("pgproxy: withheld portal", 0).encode()
+            self._pending.append(
+                _Pending(
+                    _EXECUTE, verdict, sid, replace_error=_policy_error(verdict), portal=portal
+                )
+            )
+            return
+        if verdict.result is not None and portal.fields is None and not portal.described:
+            # rows need a plan and the client never asked for the row shape: ask ourselves
+            name = m.Execute.decode(memoryview(raw)[5:]).portal
+            self.to_server += m.Describe(b"P", name).encode()
+            self._pending.append(
+                _Pending(_DESCRIBE, describe_kind=b"P", portal=portal, internal=True)
+            )
+            portal.described = True
+        self.to_server += raw
+        self._pending.append(_Pending(_EXECUTE, verdict, sid, portal=portal))
+
+    def _on_function(self, chunk: bytes, start: int, end: int) -> None:
+        msg = m.FunctionCall.decode(memoryview(chunk)[start + 5 : end])
+        ctx = self._ctx("function")
+        try:
+            verdict = self.policy.function_call(msg.function_oid, ctx)
+        except Exception:
+            verdict = Verdict(
+                Action.BLOCK, ("internal policy error",), message="function call blocked"
+            )
+        if verdict.action is Action.HOLD:  # no review flow for raw function calls
+            verdict = Verdict(
+                Action.BLOCK, verdict.reasons, "function_call", message="function call blocked"
+            )
+        sid = self._admit(f"<function call {msg.function_oid}>", verdict, "function")
+        if verdict.admits:
+            self.to_server += chunk[start:end]
+            self._pending.append(_Pending(_FUNCTION, verdict, sid))
+        else:
+            # a FunctionCall and a Query both end in ErrorResponse + ReadyForQuery
+            self.to_server += m.Query(BLOCKED_SQL).encode()
+            self._pending.append(
+                _Pending(_FUNCTION, verdict, sid, replace_error=_policy_error(verdict))
+            )
+
+    def release(self, approved: bool, message: str = "") -> None:
+        """Resume after a hold: run the held statement once, or fail it with ``message``."""
+        held = self._held
+        if held is None:
+            return
+        self._held = None
+        verdict = held.verdict
+        if approved:
+            admitted = Verdict(
+                Action.ALLOW if verdict.result is None else Action.MASK,
+                (*verdict.reasons, "approved"),
+                verdict.statement_class,
+                result=verdict.result,
+                fingerprint=verdict.fingerprint,
+                sql_redacted=verdict.sql_redacted,
+                relations=verdict.relations,
+                columns=verdict.columns,
+                tags=verdict.tags,
+                masks=verdict.masks,
+                hold_class=verdict.hold_class,
+            )
+        else:
+            admitted = Verdict(
+                Action.BLOCK,
+                verdict.reasons,
+                verdict.statement_class,
+                message=message or "statement was not approved",
+                hold_class=verdict.hold_class,
+                fingerprint=verdict.fingerprint,
+                sql_redacted=verdict.sql_redacted,
+            )
+        if held.tag == F_QUERY:
+            self._send_query(held.frame_bytes, held.statement_id, admitted)
+        else:
+            assert held.portal is not None
+            self._send_execute(held.frame_bytes, held.statement_id, admitted, held.portal)
+        deferred = bytes(self._deferred)
+        self._deferred.clear()
+        if deferred:
+            self.client_data_resume(deferred)
+
+    def client_data_resume(self, data: bytes) -> None:
+        try:
+            chunk, frames = self._client.feed(data)
+            self._client_frames(chunk, frames, 0)
+        except PeerProtocolError as exc:
+            self._violation(exc.message, exc.sqlstate, by_client=True)
+
+    # ----------------------------------------------------------------------- server side
+
+    def server_data(self, data: bytes) -> None:
+        """Bytes from Postgres."""
+        try:
+            chunk, frames = self._server.feed(data)
+            if frames:
+                self._server_frames(chunk, frames)
+        except PeerProtocolError as exc:
+            self._violation(f"upstream: {exc.message}", exc.sqlstate, by_client=False)
+
+    def _server_frames(self, chunk: bytes, frames: list[tuple[int, int, int]]) -> None:
+        out = self.to_client
+        before = len(out)
+        pending = self._pending
+        run_start = -1
+        for tag, start, end in frames:
+            head = pending[0] if pending else None
+            if tag == T_DATA_ROW or tag == T_COPY_DATA:
+                if head is not None and (head.stopped or head.internal):
+                    if run_start >= 0:
+                        out += chunk[run_start:start]
+                        run_start = -1
+                    continue
+                if head is not None:
+                    head.rows += 1
+                    plan = head.plan
+                    if plan is None and head.kind == _EXECUTE:
+                        plan = head.plan = self._execute_plan(head)
+                    if plan is not None and tag == T_DATA_ROW and (plan.rewriters or plan.block):
+                        if run_start >= 0:
+                            out += chunk[run_start:start]
+                            run_start = -1
+                        self._rewrite_row(head, plan, chunk, start, end)
+                        continue
+                    if head.verdict is not None and head.verdict.result is not None:
+                        limit = head.verdict.result.max_rows
+                        if limit is not None and head.rows > limit:
+                            if run_start >= 0:
+                                out += chunk[run_start:start]
+                                run_start = -1
+                            self._stop(head, _row_limit_error(limit))
+                            continue
+                if run_start < 0:
+                    run_start = start
+                continue
+            if run_start >= 0:
+                out += chunk[run_start:start]
+                run_start = -1
+            self._server_message(tag, chunk, start, end, head)
+        if run_start >= 0:
+            out += chunk[run_start : frames[-1][2]]
+        self.stats.bytes_to_client += len(out) - before
+
+    def _server_message(
+        self, tag: int, chunk: bytes, start: int, end: int, head: _Pending | None
+    ) -> None:
+        raw = chunk[start:end]
+        body = memoryview(chunk)[start + 5 : end]
+        out = self.to_client
+        pending = self._pending
+        if tag == T_READY:
+            self.transaction_status = raw[5:6]
+            while pending:
+                p = pending.popleft()
+                self._finish(p)
+                if p.kind in _ENDS_AT_READY:
+                    break
+            out += raw
+            return
+        if tag == T_PARAM_STATUS:
+            out += raw
+            return
+        if tag == T_NOTIFY:
+            self._on_notification(raw, body)
+            return
+        if tag == T_NOTICE:
+            self._on_notice(raw, body, head)
+            return
+        if head is None:
+            raise PeerProtocolError(f"unsolicited message {chr(tag)!r} from the server")
+        if tag == T_ERROR:
+            self._on_error(raw, body, head)
+            return
+        if head.stopped or head.internal:
+            if tag in (T_COMMAND_COMPLETE, T_EMPTY) and head.kind == _QUERY:
+                head.index += 1
+                head.plan = None
+            elif tag in (T_PARSE_COMPLETE, T_BIND_COMPLETE, T_CLOSE_COMPLETE, T_NO_DATA,
+                         T_COMMAND_COMPLETE, T_EMPTY, T_SUSPENDED) or tag == T_ROW_DESC:  # fmt: skip
+                self._on_internal(tag, body, head)
+            return
+        if tag == T_ROW_DESC:
+            self._on_row_description(raw, body, head)
+        elif tag in (T_COMMAND_COMPLETE, T_EMPTY):
+            out += raw
+            if head.kind == _QUERY:
+                head.index += 1
+                head.plan = None
+            else:
+                self._finish(pending.popleft())
+        elif tag in (T_PARSE_COMPLETE, T_BIND_COMPLETE, T_CLOSE_COMPLETE, T_SUSPENDED):
+            out += raw
+            self._finish(pending.popleft())
+        elif tag == T_NO_DATA:
+            out += raw
+            p = pending.popleft()
+            if p.portal is not None:
+                p.portal.fields = ()
+            elif p.statement is not None:
+                p.statement.fields = ()
+        elif tag == T_PARAM_DESC or tag in (T_COPY_OUT, T_COPY_IN, T_COPY_BOTH, T_COPY_DONE, T_FUNC_RESULT):
+            out += raw
+        elif tag in (T_AUTH, T_KEY):
+            raise PeerProtocolError("authentication message from the server after startup")
+        else:
+            raise PeerProtocolError(f"unexpected message type {chr(tag)!r} from the server")
+
+    def _on_internal(self, tag: int, body: memoryview, head: _Pending) -> None:
+        """Responses to pgproxy's own requests, or to a stopped result: consumed, not sent."""
+        if tag == T_ROW_DESC:
+            fields = m.RowDescription.decode(body).fields
+            if head.kind == _DESCRIBE:
+                if head.portal is not None:
+                    head.portal.fields = fields
+                self._finish(self._pending.popleft())
+            return
+        if head.kind == _DESCRIBE and tag == T_NO_DATA:
+            if head.portal is not None:
+                head.portal.fields = ()
+            self._finish(self._pending.popleft())
+            return
+        if head.kind not in _ENDS_AT_READY:
+            self._finish(self._pending.popleft())
+
+    def _on_row_description(self, raw: bytes, body: memoryview, head: _Pending) -> None:
+        rd = m.RowDescription.decode(body)
+        if head.kind == _DESCRIBE:
+            self.to_client += raw
+            if head.portal is not None:
+                head.portal.fields = rd.fields
+            elif head.statement is not None:
+                head.statement.fields = rd.fields
+            self._finish(self._pending.popleft())
+            return
+        # a simple-query result set starts
+        if head.kind == _QUERY and head.verdict is not None and head.verdict.result is not None:
+            plan = self._plan(
+                head.verdict, [_field_info(f, f.format) for f in rd.fields], head.index
+            )
+            head.plan = plan
+            if plan.block:
+                self._stop(head, _plan_error(plan.block))
+                return
+        self.to_client += raw
+
+    def _plan(self, verdict: Verdict, fields: Sequence[FieldInfo], index: int) -> RowPlan:
+        assert verdict.result is not None
+        try:
+            return verdict.result.plan(fields, index)
+        except Exception:
+            return RowPlan(block="result withheld: internal policy error")
+
+    def _execute_plan(self, head: _Pending) -> RowPlan:
+        """The row plan of an Execute's portal, built on its first row."""
+        verdict, portal = head.verdict, head.portal
+        if verdict is None or verdict.result is None or portal is None:
+            return PASS_ROWS
+        fields = portal.fields
+        if fields is None and portal.statement is not None:
+            fields = portal.statement.fields
+        if fields is None:
+            return RowPlan(block="result withheld: row description unknown")
+        bind = portal.bind
+        infos = [_field_info(f, bind.result_format(i)) for i, f in enumerate(fields)]
+        return self._plan(verdict, infos, 0)
+
+    def _rewrite_row(
+        self, head: _Pending, plan: RowPlan, chunk: bytes, start: int, end: int
+    ) -> None:
+        if plan.block:
+            self._stop(head, _plan_error(plan.block))
+            return
+        limit = head.verdict.result.max_rows if head.verdict and head.verdict.result else None
+        if limit is not None and head.rows > limit:
+            self._stop(head, _row_limit_error(limit))
+            return
+        values = split_row(memoryview(chunk)[start + 5 : end])
+        for ordinal, rewrite in plan.rewriters.items():
+            if ordinal < len(values):
+                try:
+                    values[ordinal] = rewrite(values[ordinal], 0)
+                except Exception:
+                    values[ordinal] = None  # fail closed: the cell becomes NULL
+                head.masked += 1
+        self.to_client += m.encode_data_row(values)
+
+    def _stop(self, head: _Pending, error: bytes) -> None:
+        """Cut a result short with ``error``; drop what remains of it."""
+        head.stopped = True
+        head.sqlstate = codes.INSUFFICIENT_PRIVILEGE
+        self.to_client += error
+        if head.kind != _QUERY:
+            # the client now expects skip-until-Sync: hide later answers, drop later requests
+            for p in self._pending:
+                if p.kind == _SYNC:
+                    break
+                p.stopped = True
+            if not any(p.kind == _SYNC for p in self._pending):
+                self._client_skip_to_sync = True
+
+    def _on_error(self, raw: bytes, body: memoryview, head: _Pending) -> None:
+        if head.replace_error is not None:
+            self.to_client += head.replace_error
+            head.sqlstate = codes.INSUFFICIENT_PRIVILEGE
+        elif head.stopped or head.internal:
+            err = m.ErrorResponse.decode(body)
+            head.sqlstate = err.sqlstate
+            if head.internal and not head.stopped:
+                # our own Describe failed: the client's Execute will fail the same way
+                pass
+        else:
+            err = m.ErrorResponse.decode(body)
+            head.sqlstate = err.sqlstate
+            self.to_client += self._scrubbed(err, raw, head.verdict)
+        if head.kind not in _ENDS_AT_READY:
+            # extended protocol: the server now skips to Sync
+            while self._pending and self._pending[0].kind != _SYNC:
+                p = self._pending.popleft()
+                if not p.sqlstate:
+                    p.sqlstate = head.sqlstate
+                self._finish(p)
+        else:
+            head.stopped = True
+
+    def _scrubbed(
+        self, msg: m.ErrorResponse | m.NoticeResponse, raw: bytes, verdict: Verdict | None
+    ) -> bytes:
+        fields = dict(msg.fields)
+        try:
+            new = self.policy.scrub_error(fields, verdict)
+        except Exception:
+            new = {"S": fields.get("S", "ERROR"), "V": fields.get("V", "ERROR"), "C": fields.get("C", "XX000"),
+                   "M": "error withheld by policy"}  # fmt: skip
+        if new == fields:
+            return raw
+        return type(msg)(tuple(new.items())).encode()
+
+    def _on_notice(self, raw: bytes, body: memoryview, head: _Pending | None) -> None:
+        msg = m.NoticeResponse.decode(body)
+        verdict = head.verdict if head is not None else None
+        self.to_client += self._scrubbed(msg, raw, verdict)
+
+    def _on_notification(self, raw: bytes, body: memoryview) -> None:
+        msg = m.NotificationResponse.decode(body)
+        try:
+            payload = self.policy.notification(msg.channel, msg.payload)
+        except Exception:
+            payload = None
+        if payload is None:
+            return
+        self.to_client += (
+            raw
+            if payload == msg.payload
+            else m.NotificationResponse(msg.pid, msg.channel, payload).encode()
+        )
+
+    def _finish(self, p: _Pending) -> None:
+        if p.finished or p.statement_id == 0 or p.verdict is None:
+            p.finished = True
+            return
+        p.finished = True
+        self.stats.masked_cells += p.masked
+        self.events.append(
+            StatementFinished(p.statement_id, p.verdict, p.rows, p.sqlstate, p.masked)
+        )
+
+    # ------------------------------------------------------------------------- errors
+
+    def _violation(self, message: str, sqlstate: str, *, by_client: bool) -> None:
+        self.to_client += m.error(
+            sqlstate, message if by_client else "upstream protocol violation", severity="FATAL"
+        )
+        self.events.append(ProtocolViolation(message, by_client))
+        self.closed = True
+
+
+def _policy_error(verdict: Verdict) -> bytes:
+    msg = verdict.message or "statement blocked by policy"
+    return m.error(codes.INSUFFICIENT_PRIVILEGE, msg, hint="; ".join(verdict.reasons)[:500])
+
+
+def _plan_error(reason: str) -> bytes:
+    return m.error(codes.INSUFFICIENT_PRIVILEGE, reason)
+
+
+def _row_limit_error(limit: int) -> bytes:
+    return m.error(
+        codes.INSUFFICIENT_PRIVILEGE,
+        f"result stopped: more than {limit} rows of protected data (bulk export)",
+        hint="Narrow the query, or run it again to request an approval for a bulk export.",
+    )

@@ -1,0 +1,1 @@
+"""The asyncio server: listener, per-connection handler, upstream connections."""

@@ -1,0 +1,484 @@
+"""One agent connection, from the first startup byte to the last: the only code here that awaits.
+
+Order of events: startup packets (SSLRequest ⇒ TLS when configured, GSSENCRequest ⇒ ``N``,
+CancelRequest ⇒ forwarded to the right upstream backend), StartupMessage checks (protocol minor
+version and ``_pq_`` options negotiated down, replication refused), agent authentication
+(SCRAM-SHA-256; cleartext only over TLS and only when enabled), then the proxy's own upstream
+connection with the real credentials, and finally the relay loop that pumps bytes through
+``pgproxy.protocol.relay.Relay`` in both directions with backpressure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import ssl
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Protocol
+
+import scramp
+
+from pgproxy.audit.records import SessionEnded, SessionStarted, StatementRecord
+from pgproxy.policy.seam import SessionPolicy
+from pgproxy.protocol import codes
+from pgproxy.protocol import messages as m
+from pgproxy.protocol.errors import PeerProtocolError
+from pgproxy.protocol.relay import (
+    HoldRequested,
+    ProtocolViolation,
+    Relay,
+    StatementAdmitted,
+    StatementFinished,
+    Terminated,
+)
+from pgproxy.protocol.startup import (
+    CancelRequest,
+    GSSENCRequest,
+    SSLRequest,
+    StartupMessage,
+    StartupPacket,
+    read_startup,
+)
+from pgproxy.server import upstream as up
+from pgproxy.server.credentials import MECHANISM, CredentialStore, Identity, ScramServer
+
+if TYPE_CHECKING:
+    from pgproxy.server.proxy import Proxy
+
+log = logging.getLogger("pgproxy.session")
+
+READ_SIZE = 256 * 1024
+#: startup parameters passed on to the upstream; anything else (notably ``options``, which can
+#: set ``role`` or ``session_authorization``) is dropped.
+FORWARDED_PARAMS = frozenset(
+    {"application_name", "client_encoding", "DateStyle", "TimeZone", "IntervalStyle",
+     "extra_float_digits", "datestyle", "timezone", "intervalstyle", "search_path"}
+)  # fmt: skip
+FALSE_VALUES = frozenset({"false", "off", "no", "0", ""})
+MAX_DEFERRED = 64 * 1024 * 1024
+
+
+class Disconnect(Exception):
+    """End this connection; the message (if any) has already been sent."""
+
+
+@dataclass
+class SessionInfo:
+    session_id: str
+    agent: str
+    database: str
+    client_addr: str
+    application_name: str
+    tls: bool
+    identity: Identity | None = None
+    key: tuple[int, int] = (0, 0)
+
+
+class HoldHandler(Protocol):
+    async def __call__(self, session: SessionInfo, hold: HoldRequested) -> tuple[bool, str]:
+        """Wait for the decision on a held statement: (approved, message for the agent)."""
+        ...
+
+
+async def deny_holds(session: SessionInfo, hold: HoldRequested) -> tuple[bool, str]:
+    """Used when no approval service is configured: a held statement can never run."""
+    return False, "statement requires approval, and no approval service is configured"
+
+
+PolicyFactory = Callable[[SessionInfo], SessionPolicy]
+
+
+@dataclass
+class ClientSession:
+    proxy: Proxy
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    info: SessionInfo = field(init=False)
+    upstream: up.Upstream | None = None
+    relay: Relay | None = None
+    hold_task: asyncio.Task[tuple[bool, str]] | None = None
+    _stmt_started: dict[int, datetime] = field(default_factory=dict)
+    _stmt_ids: dict[int, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        peer = self.writer.get_extra_info("peername")
+        addr = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "")
+        self.info = SessionInfo(uuid.uuid4().hex, "", "", addr, "", False)
+
+    # ------------------------------------------------------------------------ lifecycle
+
+    async def run(self) -> None:
+        try:
+            startup = await self._startup()
+            if startup is None:
+                return
+            await self._authenticate(startup)
+            await self._connect_upstream(startup)
+            await self._relay()
+        except Disconnect:
+            pass
+        except PeerProtocolError as exc:
+            await self._fatal(exc.sqlstate, exc.message)
+        except (ConnectionError, asyncio.IncompleteReadError, TimeoutError, ssl.SSLError):
+            pass
+        finally:
+            await self._close()
+
+    async def _close(self) -> None:
+        if self.hold_task is not None and not self.hold_task.done():
+            self.hold_task.cancel()
+        if self.upstream is not None:
+            self.upstream.close()
+        self.proxy.unregister(self)
+        with contextlib.suppress(Exception):
+            self.writer.close()
+        if self.relay is not None:
+            await self.proxy.audit.emit(
+                SessionEnded(
+                    self.info.session_id,
+                    datetime.now(UTC),
+                    self.relay.stats.bytes_from_client,
+                    self.relay.stats.bytes_to_client,
+                )
+            )
+
+    async def _send(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def _fatal(self, sqlstate: str, message: str) -> None:
+        with contextlib.suppress(Exception):
+            await self._send(m.error(sqlstate, message, severity="FATAL"))
+
+    # -------------------------------------------------------------------------- startup
+
+    async def _read_packet(self, buf: bytearray) -> StartupPacket:
+        while True:
+            pkt, used = read_startup(buf)
+            if pkt is not None:
+                del buf[:used]
+                return pkt
+            data = await asyncio.wait_for(
+                self.reader.read(16384), self.proxy.config.startup_timeout
+            )
+            if not data:
+                raise Disconnect
+            buf += data
+
+    async def _startup(self) -> StartupMessage | None:
+        buf = bytearray()
+        tls_ctx = self.proxy.config.tls_context
+        while True:
+            pkt = await self._read_packet(buf)
+            if isinstance(pkt, SSLRequest):
+                if self.info.tls or tls_ctx is None:
+                    await self._send(b"N")
+                    continue
+                # bytes after SSLRequest, before the handshake, would be trusted as if encrypted
+                if buf or len(getattr(self.reader, "_buffer", b"")):
+                    raise Disconnect
+                await self._send(b"S")
+                await self.writer.start_tls(tls_ctx)
+                self.info.tls = True
+                continue
+            if isinstance(pkt, GSSENCRequest):
+                await self._send(b"N")
+                continue
+            if isinstance(pkt, CancelRequest):
+                await self.proxy.cancel(pkt.pid, pkt.secret)
+                return None
+            if buf:
+                raise PeerProtocolError("data after the startup packet before authentication")
+            return pkt
+
+    def _check_startup(self, startup: StartupMessage) -> None:
+        repl = startup.params.get("replication")
+        if repl is not None and repl.lower() not in FALSE_VALUES:
+            raise PeerProtocolError(
+                "replication connections are not allowed through pgproxy", sqlstate="28000"
+            )
+        if not startup.user:
+            raise PeerProtocolError("no user name given in the startup packet", sqlstate="28000")
+
+    # ------------------------------------------------------------------- authentication
+
+    async def _authenticate(self, startup: StartupMessage) -> None:
+        self._check_startup(startup)
+        unsupported = tuple(k for k in startup.params if k.startswith("_pq_."))
+        if startup.minor > 0 or unsupported:
+            await self._send(m.NegotiateProtocolVersion(0, unsupported).encode())
+        user = startup.user
+        self.info.agent = user
+        self.info.database = startup.database
+        self.info.application_name = startup.params.get("application_name", "")
+        store = self.proxy.credentials
+        identity = store.get(user)
+        ok = await self._password_exchange(store, user)
+        if not ok or identity is None:
+            reason = "unknown user" if identity is None else "wrong password"
+            await self._audit_auth(reason)
+            await self._fatal(
+                codes.INVALID_PASSWORD, f'password authentication failed for user "{user}"'
+            )
+            raise Disconnect
+        if identity.kind != "agent":
+            await self._audit_auth("analyst access to the audit database is not enabled here")
+            await self._fatal(
+                codes.INVALID_AUTHORIZATION_SPECIFICATION,
+                f'"{user}" is an audit analyst: connect to the audit database',
+            )
+            raise Disconnect
+        self.info.identity = identity
+
+    async def _password_exchange(self, store: CredentialStore, user: str) -> bool:
+        buf = bytearray()
+        if self.info.tls and self.proxy.config.cleartext_over_tls:
+            await self._send(m.Authentication(m.AUTH_CLEARTEXT).encode())
+            msg = await self._read_password(buf)
+            return store.check_password(user, msg.password())
+        await self._send(m.auth_sasl([MECHANISM]))
+        msg = await self._read_password(buf)
+        mech, data = msg.sasl_initial()
+        if mech != MECHANISM or data is None:
+            raise PeerProtocolError(
+                "expected a SCRAM-SHA-256 SASLInitialResponse", sqlstate="28000"
+            )
+        scram = ScramServer(store, user)
+        try:
+            server_first = scram.first(data.decode())
+        except (scramp.ScramException, UnicodeDecodeError):
+            return False
+        await self._send(m.Authentication(m.AUTH_SASL_CONTINUE, server_first.encode()).encode())
+        msg = await self._read_password(buf)
+        try:
+            server_final = scram.final(msg.data.decode())
+        except (scramp.ScramException, UnicodeDecodeError):
+            return False
+        await self._send(m.Authentication(m.AUTH_SASL_FINAL, server_final.encode()).encode())
+        return True
+
+    async def _read_password(self, buf: bytearray) -> m.PasswordMessage:
+        from pgproxy.protocol.framing import FrameBuffer
+
+        frames = FrameBuffer(1 << 16)
+        while True:
+            chunk, fr = frames.feed(bytes(buf))
+            buf.clear()
+            if fr:
+                tag, start, end = fr[0]
+                if tag != ord("p"):
+                    raise PeerProtocolError("expected a password message", sqlstate="28000")
+                if len(fr) > 1 or frames.take_rest():
+                    raise PeerProtocolError("data after the password message", sqlstate="08P01")
+                return m.PasswordMessage.decode(memoryview(chunk)[start + 5 : end])
+            data = await asyncio.wait_for(
+                self.reader.read(16384), self.proxy.config.startup_timeout
+            )
+            if not data:
+                raise Disconnect
+            buf += data
+
+    async def _audit_auth(self, outcome: str) -> None:
+        await self.proxy.audit.emit(
+            SessionStarted(
+                self.info.session_id,
+                self.info.agent,
+                self.info.client_addr,
+                self.info.database,
+                self.info.application_name,
+                datetime.now(UTC),
+                auth=outcome,
+                tls=self.info.tls,
+            )  # fmt: skip
+        )
+
+    # ------------------------------------------------------------------------- upstream
+
+    async def _connect_upstream(self, startup: StartupMessage) -> None:
+        extra = {k: v for k, v in startup.params.items() if k in FORWARDED_PARAMS}
+        database = startup.params.get("database") or self.proxy.config.upstream.dbname
+        try:
+            self.upstream = await up.connect(self.proxy.config.upstream, database, extra)
+        except up.UpstreamError as exc:
+            log.warning(
+                "upstream connection failed for session %s: %s", self.info.session_id, exc.sqlstate
+            )
+            await self._audit_auth(f"upstream refused: {exc.sqlstate}")
+            await self._fatal(exc.sqlstate, exc.message)
+            raise Disconnect from None
+        self.info.database = database or self.info.database
+        await self._audit_auth("ok")
+        self.info.key = self.proxy.register(self)
+        out = bytearray(m.Authentication(m.AUTH_OK).encode())
+        for name, value in self.upstream.parameters.items():
+            out += m.ParameterStatus(name, value).encode()
+        out += m.BackendKeyData(*self.info.key).encode()
+        out += m.ReadyForQuery(b"I").encode()
+        await self._send(bytes(out))
+
+    # ---------------------------------------------------------------------------- relay
+
+    async def _relay(self) -> None:
+        assert self.upstream is not None
+        policy = self.proxy.policy_factory(self.info)
+        self.relay = Relay(
+            policy,
+            agent=self.info.agent,
+            database=self.info.database,
+            max_message_size=self.proxy.config.max_message_size,
+        )
+        client_task = asyncio.create_task(self._pump_client())
+        server_task = asyncio.create_task(self._pump_server())
+        done, pending = await asyncio.wait(
+            {client_task, server_task}, return_when=asyncio.FIRST_COMPLETED
+        )
+        for task in pending:
+            task.cancel()
+        for task in pending:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        for task in done:
+            exc = task.exception()
+            if exc is not None and not isinstance(
+                exc, Disconnect | ConnectionError | asyncio.IncompleteReadError
+            ):
+                raise exc
+
+    async def _pump_client(self) -> None:
+        relay = self.relay
+        assert relay is not None and self.upstream is not None
+        up_writer = self.upstream.writer
+        reader = self.reader
+        while True:
+            data = await reader.read(READ_SIZE)
+            if not data:
+                return
+            relay.client_data(data)
+            await self._after_feed()
+            if relay.to_server:
+                up_writer.write(bytes(relay.to_server))
+                relay.to_server.clear()
+                await up_writer.drain()
+            if relay.closed:
+                return
+            if relay.holding and len(relay._deferred) > MAX_DEFERRED:
+                await self._fatal(
+                    codes.PROGRAM_LIMIT_EXCEEDED, "too much data sent while a statement is held"
+                )
+                return
+
+    async def _pump_server(self) -> None:
+        relay = self.relay
+        assert relay is not None and self.upstream is not None
+        up_reader = self.upstream.reader
+        writer = self.writer
+        while True:
+            data = await up_reader.read(READ_SIZE)
+            if not data:
+                await self._fatal(codes.CONNECTION_FAILURE, "the database connection was lost")
+                return
+            relay.server_data(data)
+            await self._after_feed()
+            if relay.to_client:
+                writer.write(bytes(relay.to_client))
+                relay.to_client.clear()
+                await writer.drain()
+            if relay.closed:
+                return
+
+    async def _after_feed(self) -> None:
+        """Act on what the relay reported, and write what it queued for the client."""
+        relay = self.relay
+        assert relay is not None
+        if relay.events:
+            events = relay.events[:]
+            relay.events.clear()
+            for ev in events:
+                await self._on_event(ev)
+        if relay.to_client:
+            self.writer.write(bytes(relay.to_client))
+            relay.to_client.clear()
+
+    async def _on_event(self, ev: object) -> None:
+        now = datetime.now(UTC)
+        if isinstance(ev, StatementAdmitted):
+            self._stmt_started[ev.statement_id] = now
+            self._stmt_ids[ev.statement_id] = uuid.uuid4().hex
+            self.proxy.metrics.count_statement(ev.verdict.action.value)
+        elif isinstance(ev, StatementFinished):
+            started = self._stmt_started.pop(ev.statement_id, now)
+            sid = self._stmt_ids.pop(ev.statement_id, uuid.uuid4().hex)
+            v = ev.verdict
+            self.proxy.metrics.masked_cells += ev.masked_cells
+            record = StatementRecord(
+                statement_id=sid, session_id=self.info.session_id, ts=started, agent=self.info.agent,
+                statement_class=v.statement_class, fingerprint=v.fingerprint,
+                sql_redacted=v.sql_redacted, decision=v.action.value, reasons=v.reasons,
+                relations=v.relations, columns=v.columns, tags=v.tags,
+                masked_columns=tuple(f"{c.ordinal}:{c.column}:{c.tag}:{c.operator}" for c in v.masks),
+                rows=ev.rows, duration_ms=(now - started).total_seconds() * 1000, sqlstate=ev.sqlstate,
+            )  # fmt: skip
+            if v.admits:
+                await self.proxy.audit.emit(record)
+            else:
+                await self.proxy.audit.emit_durable(record)
+        elif isinstance(ev, HoldRequested):
+            self.hold_task = asyncio.create_task(self._hold(ev))
+        elif isinstance(ev, Terminated):
+            pass
+        elif isinstance(ev, ProtocolViolation):
+            log.warning(
+                "session %s: protocol violation by the %s", self.info.session_id,
+                "client" if ev.by_client else "database",
+            )  # fmt: skip
+
+    async def _hold(self, ev: HoldRequested) -> tuple[bool, str]:
+        relay = self.relay
+        assert relay is not None and self.upstream is not None
+        self.proxy.metrics.pending_holds += 1
+        try:
+            approved, message = await self.proxy.hold_handler(self.info, ev)
+        except asyncio.CancelledError:
+            approved, message = False, "the request was withdrawn"
+            raise
+        except Exception:
+            log.exception("approval handling failed")
+            approved, message = (
+                False,
+                "statement requires approval, and the approval could not be obtained",
+            )
+        finally:
+            self.proxy.metrics.pending_holds -= 1
+        relay.release(approved, message)
+        await self._after_feed()
+        if relay.to_server:
+            self.upstream.writer.write(bytes(relay.to_server))
+            relay.to_server.clear()
+        return approved, message
+
+    async def cancel_hold(self) -> bool:
+        """A CancelRequest arrived while a statement is held: withdraw it."""
+        task = self.hold_task
+        if task is None or task.done():
+            return False
+        task.cancel()
+        relay = self.relay
+        assert relay is not None and self.upstream is not None
+        relay.release(False, "the held statement was cancelled by the client")
+        await self._after_feed()
+        if relay.to_server:
+            self.upstream.writer.write(bytes(relay.to_server))
+            relay.to_server.clear()
+        return True
+
+
+def new_backend_key() -> tuple[int, int]:
+    return secrets.randbelow(2**31 - 1) + 1, secrets.randbits(31)
+
+
+Acceptor = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
