@@ -94,6 +94,17 @@ def _make_cert(directory: Path, cn: str = "localhost") -> tuple[Path, Path]:
     return cert_path, key_path
 
 
+def _run_as() -> str | None:
+    """initdb and postgres refuse to run as root: pick an unprivileged system user."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        pwd.getpwnam("postgres")
+        return "postgres"
+    except KeyError:
+        return "nobody"
+
+
 @dataclass
 class Cluster:
     """One running throwaway cluster."""
@@ -132,18 +143,20 @@ class Cluster:
 
     @classmethod
     def create(cls, base: Path, port: int | None = None) -> Cluster:
-        bindir = find_bindir()
-        run_as = None
-        if os.geteuid() == 0:
-            try:
-                pwd.getpwnam("postgres")
-                run_as = "postgres"
-            except KeyError:
-                run_as = "nobody"
+        """initdb a new cluster in ``base`` (not started)."""
         base.mkdir(parents=True, exist_ok=True)
-        cluster = cls(base=base, port=port or free_port(), bindir=bindir, run_as=run_as)
+        cluster = cls(base=base, port=port or free_port(), bindir=find_bindir(), run_as=_run_as())
         cluster._init()
+        (base / "port").write_text(str(cluster.port))
         return cluster
+
+    @classmethod
+    def open_existing(cls, base: Path) -> Cluster | None:
+        """A cluster ``create`` made earlier in ``base``, or None if there is none."""
+        if not (base / "data" / "PG_VERSION").exists() or not (base / "port").exists():
+            return None
+        port = int((base / "port").read_text())
+        return cls(base=base, port=port, bindir=find_bindir(), run_as=_run_as())
 
     def _init(self) -> None:
         pwfile = self.base / "pwfile"
@@ -152,8 +165,8 @@ class Cluster:
         if self.run_as:
             entry = pwd.getpwnam(self.run_as)
             os.chown(self.base, entry.pw_uid, entry.pw_gid)
-            for f in self.base.iterdir():
-                os.chown(f, entry.pw_uid, entry.pw_gid)
+            for path in self.base.iterdir():
+                os.chown(path, entry.pw_uid, entry.pw_gid)
         self._run(
             str(self.bindir / "initdb"),
             "-D",
@@ -176,8 +189,8 @@ class Cluster:
             "local all all trust\n" + hba + "host all all 127.0.0.1/32 scram-sha-256\n"
         )
         conf = self.datadir / "postgresql.conf"
-        with conf.open("a") as f:
-            f.write(
+        with conf.open("a") as fh:
+            fh.write(
                 f"\nlisten_addresses = '127.0.0.1'\nport = {self.port}\n"
                 f"unix_socket_directories = '{self.base}'\n"
                 "max_connections = 400\nshared_buffers = 128MB\nfsync = off\n"
@@ -236,8 +249,6 @@ class Cluster:
             )
         self.psql(" ".join(stmts))
 
-    def stop(self) -> None:
+    def stop(self, mode: str = "immediate") -> None:
         with contextlib.suppress(Exception):
-            self._run(
-                str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-m", "immediate", "stop"
-            )
+            self._run(str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-m", mode, "stop")

@@ -169,7 +169,8 @@ class Rules(_Strict):
     @model_validator(mode="after")
     def _unique_names(self) -> Rules:
         seen: set[str] = set()
-        for ident in [*self.agents, *self.analysts]:
+        idents: list[Agent | Analyst] = [*self.agents, *self.analysts]
+        for ident in idents:
             if ident.name in seen:
                 raise ValueError(f"identity {ident.name!r} is defined twice")
             seen.add(ident.name)
@@ -234,7 +235,9 @@ def _line_of(node: yaml.Node, path: Sequence[str | int]) -> int:
 def load_rules(
     directory: str | os.PathLike[str], environ: Mapping[str, str] | None = None
 ) -> Rules:
-    """Read, merge and validate every ``*.yaml`` in ``directory``; raise RulesError on the first problem."""
+    """Read, merge and validate every ``*.yaml`` in ``directory``.
+
+    Raises RulesError with ``file:line`` on the first problem."""
     root = Path(directory)
     if not root.is_dir():
         raise RulesError(f"rules directory {str(root)!r} does not exist")

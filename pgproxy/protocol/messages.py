@@ -407,7 +407,7 @@ class Authentication(Message):
 
     def mechanisms(self) -> list[str]:
         r = Reader(self.data)
-        out = []
+        out: list[str] = []
         while True:
             m = r.cstring()
             if not m:
@@ -555,7 +555,7 @@ class RowDescription(Message):
     @classmethod
     def _read(cls, r: Reader) -> RowDescription:
         n = r.uint16()
-        fields = []
+        fields: list[Field] = []
         for _ in range(n):
             name = r.cstring()
             r._need(_FIELD.size)
@@ -628,7 +628,7 @@ class _Fields(Message):
 
     @classmethod
     def _read(cls, r: Reader) -> Self:
-        out = []
+        out: list[tuple[str, str]] = []
         while True:
             code = r.int8()
             if code == 0:

@@ -62,6 +62,10 @@ T_COPY_IN, T_COPY_OUT, T_COPY_BOTH, T_COPY_DATA, T_COPY_DONE = (
 F_QUERY, F_PARSE, F_BIND, F_DESCRIBE, F_EXECUTE = ord("Q"), ord("P"), ord("B"), ord("D"), ord("E")
 F_CLOSE, F_SYNC, F_FLUSH, F_TERMINATE, F_FUNCTION = ord("C"), ord("S"), ord("H"), ord("X"), ord("F")
 F_COPY_DATA, F_COPY_DONE, F_COPY_FAIL = ord("d"), ord("c"), ord("f")
+_INTERNAL_TAGS = frozenset(
+    (T_PARSE_COMPLETE, T_BIND_COMPLETE, T_CLOSE_COMPLETE, T_NO_DATA, T_COMMAND_COMPLETE, T_EMPTY,
+     T_SUSPENDED, T_ROW_DESC)
+)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------ events
@@ -264,7 +268,7 @@ class Relay:
                     self._on_describe(chunk, start, end)
                 elif tag == F_CLOSE:
                     self._pending.append(_Pending(_CLOSE))
-                elif tag == F_COPY_DONE or tag == F_COPY_FAIL:
+                elif tag in (F_COPY_DONE, F_COPY_FAIL):
                     self._in_copy_in = False
                 if run_start < 0:
                     run_start = start
@@ -510,7 +514,7 @@ class Relay:
         run_start = -1
         for tag, start, end in frames:
             head = pending[0] if pending else None
-            if tag == T_DATA_ROW or tag == T_COPY_DATA:
+            if tag in (T_DATA_ROW, T_COPY_DATA):
                 if head is not None and (head.stopped or head.internal):
                     if run_start >= 0:
                         out += chunk[run_start:start]
@@ -580,8 +584,7 @@ class Relay:
             if tag in (T_COMMAND_COMPLETE, T_EMPTY) and head.kind == _QUERY:
                 head.index += 1
                 head.plan = None
-            elif tag in (T_PARSE_COMPLETE, T_BIND_COMPLETE, T_CLOSE_COMPLETE, T_NO_DATA,
-                         T_COMMAND_COMPLETE, T_EMPTY, T_SUSPENDED) or tag == T_ROW_DESC:  # fmt: skip
+            elif tag in _INTERNAL_TAGS:
                 self._on_internal(tag, body, head)
             return
         if tag == T_ROW_DESC:
@@ -603,7 +606,13 @@ class Relay:
                 p.portal.fields = ()
             elif p.statement is not None:
                 p.statement.fields = ()
-        elif tag == T_PARAM_DESC or tag in (T_COPY_OUT, T_COPY_IN, T_COPY_BOTH, T_COPY_DONE, T_FUNC_RESULT):
+        elif tag == T_PARAM_DESC or tag in (
+            T_COPY_OUT,
+            T_COPY_IN,
+            T_COPY_BOTH,
+            T_COPY_DONE,
+            T_FUNC_RESULT,
+        ):
             out += raw
         elif tag in (T_AUTH, T_KEY):
             raise PeerProtocolError("authentication message from the server after startup")
@@ -734,8 +743,12 @@ class Relay:
         try:
             new = self.policy.scrub_error(fields, verdict)
         except Exception:
-            new = {"S": fields.get("S", "ERROR"), "V": fields.get("V", "ERROR"), "C": fields.get("C", "XX000"),
-                   "M": "error withheld by policy"}  # fmt: skip
+            new = {
+                "S": fields.get("S", "ERROR"),
+                "V": fields.get("V", "ERROR"),
+                "C": fields.get("C", "XX000"),
+                "M": "error withheld by policy",
+            }
         if new == fields:
             return raw
         return type(msg)(tuple(new.items())).encode()

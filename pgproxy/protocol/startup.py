@@ -1,4 +1,4 @@
-"""The startup phase (protocol sections 55.2.1, 55.2.10–11, 55.7 "StartupMessage" et al.).
+"""The startup phase (protocol sections 55.2.1, 55.2.10-11, 55.7 "StartupMessage" et al.).
 
 Startup packets have no type byte: an Int32 length, an Int32 request code, a body. This module
 decodes them into ``SSLRequest``, ``GSSENCRequest``, ``CancelRequest`` and ``StartupMessage`` and

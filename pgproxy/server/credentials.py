@@ -49,8 +49,10 @@ def parse_verifier(text: str) -> AuthInfo | None:
 
 def format_verifier(info: AuthInfo) -> str:
     salt, stored, server, iterations = info
-    b64 = base64.b64encode
-    return f"{MECHANISM}${iterations}:{b64(salt).decode()}${b64(stored).decode()}:{b64(server).decode()}"
+    salt_b64, stored_b64, server_b64 = (
+        base64.b64encode(x).decode() for x in (salt, stored, server)
+    )
+    return f"{MECHANISM}${iterations}:{salt_b64}${stored_b64}:{server_b64}"
 
 
 @dataclass(frozen=True)

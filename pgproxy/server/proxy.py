@@ -99,7 +99,7 @@ class Proxy:
         self.metrics.connections_active += 1
         task = asyncio.current_task()
         assert task is not None
-        self._tasks.add(task)  # type: ignore[arg-type]
+        self._tasks.add(task)
         sock = writer.get_extra_info("socket")
         if sock is not None:
             with contextlib.suppress(OSError):
@@ -110,7 +110,7 @@ class Proxy:
             await ClientSession(self, reader, writer).run()
         finally:
             self.metrics.connections_active -= 1
-            self._tasks.discard(task)  # type: ignore[arg-type]
+            self._tasks.discard(task)
 
     def register(self, session: ClientSession) -> tuple[int, int]:
         key = new_backend_key()

@@ -294,7 +294,7 @@ class ClientSession:
                 datetime.now(UTC),
                 auth=outcome,
                 tls=self.info.tls,
-            )  # fmt: skip
+            )
         )
 
     # ------------------------------------------------------------------------- upstream
@@ -415,14 +415,25 @@ class ClientSession:
             sid = self._stmt_ids.pop(ev.statement_id, uuid.uuid4().hex)
             v = ev.verdict
             self.proxy.metrics.masked_cells += ev.masked_cells
+            masked = tuple(f"{c.ordinal}:{c.column}:{c.tag}:{c.operator}" for c in v.masks)
             record = StatementRecord(
-                statement_id=sid, session_id=self.info.session_id, ts=started, agent=self.info.agent,
-                statement_class=v.statement_class, fingerprint=v.fingerprint,
-                sql_redacted=v.sql_redacted, decision=v.action.value, reasons=v.reasons,
-                relations=v.relations, columns=v.columns, tags=v.tags,
-                masked_columns=tuple(f"{c.ordinal}:{c.column}:{c.tag}:{c.operator}" for c in v.masks),
-                rows=ev.rows, duration_ms=(now - started).total_seconds() * 1000, sqlstate=ev.sqlstate,
-            )  # fmt: skip
+                statement_id=sid,
+                session_id=self.info.session_id,
+                ts=started,
+                agent=self.info.agent,
+                statement_class=v.statement_class,
+                fingerprint=v.fingerprint,
+                sql_redacted=v.sql_redacted,
+                decision=v.action.value,
+                reasons=v.reasons,
+                relations=v.relations,
+                columns=v.columns,
+                tags=v.tags,
+                masked_columns=masked,
+                rows=ev.rows,
+                duration_ms=(now - started).total_seconds() * 1000,
+                sqlstate=ev.sqlstate,
+            )
             if v.admits:
                 await self.proxy.audit.emit(record)
             else:

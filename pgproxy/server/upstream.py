@@ -9,6 +9,7 @@ The agent never sees any of this: the proxy hands it only the server's Parameter
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import ssl
 from collections.abc import Mapping
@@ -53,7 +54,8 @@ class UpstreamDSN:
 
     def redacted(self) -> str:
         """For logs: everything but the password."""
-        return f"postgresql://{self.user}@{self.host}:{self.port}/{self.dbname or ''}?sslmode={self.sslmode}"
+        db = self.dbname or ""
+        return f"postgresql://{self.user}@{self.host}:{self.port}/{db}?sslmode={self.sslmode}"
 
 
 def parse_dsn(dsn: str) -> UpstreamDSN:
@@ -125,10 +127,8 @@ class Upstream:
 
     def close(self) -> None:
         if not self.writer.is_closing():
-            try:
+            with contextlib.suppress(Exception):
                 self.writer.write(m.Terminate().encode())
-            except Exception:
-                pass
             self.writer.close()
 
 
@@ -189,7 +189,8 @@ async def connect(
                     # to pass on; authentication failures are ours to explain.
                     if msg.sqlstate in ("28P01", "28000"):
                         raise UpstreamError(
-                            "pgproxy could not authenticate to the database (check the upstream DSN)",
+                            "pgproxy could not authenticate to the database "
+                            "(check the upstream DSN)",
                             "08004",
                         )
                     raise UpstreamError(msg.message, msg.sqlstate or "08001", dict(msg.fields))

@@ -12,19 +12,23 @@ import pytest
 
 from pgproxy.audit.records import MemorySink
 from pgproxy.rules import load_rules
+from pgproxy.server.credentials import format_verifier, verifier_from_password
 from pgproxy.server.proxy import Proxy, ProxyConfig
 from pgproxy.server.upstream import parse_dsn
 
 AGENT = "triage-bot"
 AGENT_PASSWORD = "s3cret"
 
-RULES_YAML = """
+VERIFIER_AGENT = "verifier-bot"
+VERIFIER_PASSWORD = "v3rifier"
+
+RULES_YAML = f"""
 agents:
   - name: triage-bot
     password: "s3cret"
     owner: carol@example.org
-  - name: verifier-bot
-    password: "SCRAM-SHA-256$4096:c2FsdHNhbHRzYWx0c2FsdA==$Yf3nbnFx9N9h6nkD0trIYYe1ucKnDMfQwlKXCGe3DwI=:mN0kSfHTJ6VZFm1zJoEPY1jQ4GG5YMwh3yvPIO39Dzo="
+  - name: {VERIFIER_AGENT}
+    password: "{format_verifier(verifier_from_password(VERIFIER_PASSWORD))}"
 analysts:
   - name: auditor
     password: "an0ther"
