@@ -164,11 +164,30 @@ def _run_async(coro: Any) -> int:
 
 
 def _explain(args: argparse.Namespace) -> int:
-    print(
-        "pgproxy: explain needs the policy engine, which this build does not have yet",
-        file=sys.stderr,
+    from pgproxy.policy.catalog import Catalog
+    from pgproxy.policy.decide import explain
+    from pgproxy.server.policy_hub import PolicyHub
+
+    settings = load_settings(
+        {"rules": args.rules, "upstream": args.upstream}, config_file=args.config
     )
-    return 2
+    rules = load_rules(settings.rules)
+    if rules.agent(args.agent) is None:
+        print(f"pgproxy: no agent named {args.agent!r} in {settings.rules}", file=sys.stderr)
+        return 1
+    hub = PolicyHub(rules, settings.upstream or "")
+    if settings.upstream and not _run_async(_refresh(hub)):
+        print("pgproxy: cannot read the catalog from the upstream", file=sys.stderr)
+        return 1
+    catalog = hub.catalog or Catalog.build((), (), rules.tags)
+    if not settings.upstream:
+        print("(no --upstream: the catalog is empty, so every relation is unknown)")
+    print(explain(rules, catalog, hub.masks, args.agent, args.sql))
+    return 0
+
+
+async def _refresh(hub: Any) -> int:
+    return 1 if await hub.refresh() else 0
 
 
 def _audit(args: argparse.Namespace) -> int:

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pgproxy.audit.records import AuditSink, MemorySink
@@ -72,6 +73,8 @@ class Proxy:
         self.audit: AuditSink = audit or MemorySink()
         self.hold_handler: HoldHandler = hold_handler or deny_holds
         self.metrics = Metrics()
+        #: called after a DDL statement completed through the proxy (the catalog changed)
+        self.after_ddl: Callable[[], None] = lambda: None
         self.sessions: dict[tuple[int, int], ClientSession] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._server: asyncio.Server | None = None

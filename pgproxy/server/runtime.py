@@ -21,6 +21,7 @@ from pgproxy.audit.records import AuditSink, MemorySink
 from pgproxy.config import ConfigError, Settings
 from pgproxy.rules import Rules, RulesError, load_rules
 from pgproxy.server.http import make_app
+from pgproxy.server.policy_hub import PolicyHub
 from pgproxy.server.proxy import Proxy, ProxyConfig
 from pgproxy.server.upstream import parse_dsn
 
@@ -39,12 +40,17 @@ def tls_context(settings: Settings) -> ssl.SSLContext | None:
     return ctx
 
 
+def _pseudonym_key(settings: Settings) -> bytes | None:
+    return settings.pseudonym_key.encode() if settings.pseudonym_key else None
+
+
 @dataclass
 class Runtime:
     settings: Settings
     rules: Rules
     proxy: Proxy
     audit: AuditSink
+    hub: PolicyHub
     http_runner: web.AppRunner | None = None
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -56,6 +62,7 @@ class Runtime:
             return False
         self.rules = rules
         self.proxy.update_rules(rules)
+        self.hub.update_rules(rules)
         log.info("rules reloaded from %s", self.settings.rules)
         return True
 
@@ -78,8 +85,12 @@ async def build(settings: Settings) -> Runtime:
         max_message_size=settings.max_message_size,
     )
     audit: AuditSink = MemorySink()
-    proxy = Proxy(config, rules, audit=audit)
-    return Runtime(settings, rules, proxy, audit)
+    hub = PolicyHub(rules, settings.upstream, _pseudonym_key(settings))
+    if not await hub.refresh():
+        log.error("starting without a catalog: statements are blocked until it can be read")
+    proxy = Proxy(config, rules, audit=audit, policy_factory=hub.session_policy)
+    proxy.after_ddl = hub.schedule_refresh
+    return Runtime(settings, rules, proxy, audit, hub)
 
 
 async def run(settings: Settings, ready: Callable[[Runtime], None] | None = None) -> int:

@@ -434,6 +434,8 @@ class ClientSession:
                 duration_ms=(now - started).total_seconds() * 1000,
                 sqlstate=ev.sqlstate,
             )
+            if v.admits and not ev.sqlstate and "ddl" in (v.statement_class, v.hold_class):
+                self.proxy.after_ddl()
             if v.admits:
                 await self.proxy.audit.emit(record)
             else:

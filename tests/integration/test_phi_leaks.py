@@ -1,0 +1,266 @@
+"""No seeded PHI value reaches the agent, by any path: assertions on every byte it received.
+
+A database with fake, distinctive PHI sits behind a proxy running the real policy (catalog from
+the upstream, lineage, Safe Harbor masks, scrubbed diagnostics). Each case is one attempt an
+agent could make to get a value out; whatever the proxy answers — masked rows, an error, a
+notice — the bytes on the wire must not contain any seeded value, and the session must go on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import asyncpg
+import psycopg
+import pytest
+
+from pgproxy.rules import load_rules
+from pgproxy.server.policy_hub import PolicyHub
+from pgproxy.server.proxy import Proxy, ProxyConfig
+from pgproxy.server.upstream import parse_dsn
+from tests.integration.capture import CaptureHop
+from tests.integration.conftest import ProxyThread
+
+DB = "pgproxy_phi_test"
+PATIENTS = [
+    # id, first, last, ssn, dob, email, mrn
+    (1, "Quixanthe", "Vorhelmsky", "900-55-1234", dt.date(1961, 4, 17), "quix.v@example.invalid", "MRN7731199"),
+    (2, "Zephyrine", "Klabautrik", "900-66-4321", dt.date(1975, 9, 3), "zeph.k@example.invalid", "MRN8842200"),
+]  # fmt: skip
+
+RULES = """
+agents:
+  - name: triage-bot
+    password: "s3cret"
+    owner: carol@example.org
+    approvers: [alice@example.org]
+tags:
+  public.patients.first_name: name
+  public.patients.last_name: name
+  public.patients.ssn: ssn
+  public.patients.dob: dob
+  public.patients.email: email
+  public.patients.mrn: mrn
+approvals:
+  hold: [ddl, privilege, bulk_export]
+  bulk_export_rows: 1000
+"""
+
+
+def secrets_of(rows: list[tuple[object, ...]]) -> list[bytes]:
+    out: list[bytes] = []
+    epoch = dt.date(2000, 1, 1)
+    for _id, first, last, ssn, dob, email, mrn in rows:
+        assert isinstance(dob, dt.date)
+        out += [str(v).encode() for v in (first, last, ssn, email, mrn)]
+        out.append(str(ssn).replace("-", "").encode())
+        out.append(dob.isoformat().encode())
+        out.append(struct.pack("!i", (dob - epoch).days))  # binary date
+    return out
+
+
+@pytest.fixture(scope="module")
+def phi_db(pg_cluster: object, pg_dsn: str) -> Iterator[str]:
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {DB}")
+        conn.execute(f"CREATE DATABASE {DB}")
+    dsn = pg_dsn.rsplit("/", 1)[0] + f"/{DB}"
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE patients (id int PRIMARY KEY, first_name text, last_name text,"
+            " ssn text UNIQUE, dob date, email text, mrn text, visits int)"
+        )
+        for row in PATIENTS:
+            conn.execute("INSERT INTO patients VALUES (%s,%s,%s,%s,%s,%s,%s, 3)", row)
+        conn.execute("CREATE VIEW patient_view AS SELECT id, ssn, first_name FROM patients")
+        conn.execute("CREATE TABLE visits_summary (id int, note text)")
+        conn.execute("ANALYZE patients")
+    yield dsn
+
+
+@pytest.fixture(scope="module")
+def policy_proxy(phi_db: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyThread]:
+    rules_dir: Path = tmp_path_factory.mktemp("phi-rules")
+    (rules_dir / "rules.yaml").write_text(RULES)
+    rules = load_rules(rules_dir)
+    hub = PolicyHub(rules, phi_db)
+    proxy = Proxy(
+        ProxyConfig(upstream=parse_dsn(phi_db), port=0),
+        rules,
+        policy_factory=hub.session_policy,
+    )
+    proxy.after_ddl = hub.schedule_refresh
+    thread = ProxyThread(proxy)
+    assert asyncio.run_coroutine_threadsafe(hub.refresh(), thread.loop).result(30)
+    try:
+        yield thread
+    finally:
+        thread.stop()
+
+
+@pytest.fixture
+def hop(policy_proxy: ProxyThread) -> Iterator[CaptureHop]:
+    with CaptureHop(policy_proxy.host, policy_proxy.port) as h:
+        yield h
+
+
+def dsn_for(hop: CaptureHop) -> str:
+    return f"postgresql://triage-bot:s3cret@{hop.host}:{hop.port}/{DB}"
+
+
+def assert_no_phi(received: bytes) -> None:
+    leaked = [s for s in secrets_of(PATIENTS) if s in received]
+    assert not leaked, f"seeded PHI reached the client: {leaked!r}"
+
+
+SIMPLE_CASES = [
+    "SELECT ssn, first_name, last_name, dob, email, mrn FROM patients",
+    "SELECT upper(ssn) FROM patients",
+    "SELECT ssn || '' FROM patients",
+    "SELECT ssn::varchar FROM patients",
+    "SELECT CAST(ssn AS bytea) FROM patients",
+    "WITH x AS (SELECT ssn AS s, first_name AS n FROM patients) SELECT s, n FROM x",
+    "SELECT id::text FROM patients UNION SELECT ssn FROM patients",
+    "SELECT row_to_json(p) FROM patients p",
+    "SELECT json_agg(p) FROM patients p",
+    "SELECT to_jsonb(p) FROM patients p",
+    "SELECT p FROM patients p",
+    "SELECT p::text FROM patients p",
+    "SELECT string_agg(ssn, ',') FROM patients",
+    "SELECT array_agg(first_name) FROM patients",
+    "SELECT (SELECT ssn FROM patients ORDER BY id LIMIT 1)",
+    "SELECT * FROM patient_view",
+    "SELECT id FROM patients WHERE ssn LIKE '900-55%'",
+    "SELECT id FROM patients ORDER BY dob",
+    "SELECT substr(ssn, 1, 1), count(*) FROM patients GROUP BY substr(ssn, 1, 1)",
+    "SELECT ssn::int FROM patients",
+    "SELECT 1 / (length(ssn) - 11) FROM patients",
+    "SELECT histogram_bounds::text, most_common_vals::text FROM pg_stats WHERE tablename = 'patients'",
+    "SELECT * FROM pg_stats",
+    "DO $$BEGIN RAISE NOTICE '%', (SELECT ssn FROM patients LIMIT 1); END$$",
+    "SELECT pg_notify('ch', (SELECT ssn FROM patients LIMIT 1))",
+    "SELECT query FROM pg_stat_activity",
+    "SELECT format('%s', ssn) FROM patients",
+    "SELECT to_char(dob, 'YYYY-MM-DD') FROM patients",
+    "SELECT jsonb_build_object('s', ssn) FROM patients",
+    "SELECT CASE WHEN ssn LIKE '900%' THEN 1 END FROM patients",
+    "SELECT id FROM patients WHERE EXISTS (SELECT 1 FROM patients q WHERE q.ssn = '900-55-1234')",
+    "SELECT query_to_xml('select ssn from patients', true, true, '')",
+    "SELECT x.s FROM (SELECT ssn AS s FROM patients) x, LATERAL (SELECT x.s AS t) y",
+    "SELECT first_name, lag(ssn) OVER (ORDER BY id) FROM patients",
+    "EXPLAIN ANALYZE SELECT * FROM patients WHERE ssn = '900-55-1234'",
+    "INSERT INTO patients (id, ssn) VALUES (99, '900-55-1234')",
+    "INSERT INTO visits_summary SELECT id, ssn FROM patients",
+    "CREATE TEMP TABLE t AS SELECT ssn FROM patients",
+    "SELECT * FROM t",
+    "SELECT ssn FROM patients \\; SELECT first_name FROM patients",
+    "COPY (SELECT ssn FROM patients) TO STDOUT",
+    "COPY patients TO STDOUT",
+    "PREPARE q AS SELECT ssn FROM patients",
+    "EXECUTE q",
+]
+
+
+@pytest.mark.parametrize("sql", SIMPLE_CASES)
+def test_simple_query_never_leaks(hop: CaptureHop, sql: str) -> None:
+    with psycopg.connect(dsn_for(hop), autocommit=True) as conn:
+        try:
+            with conn.cursor() as cur:
+                cur.execute(sql.replace("\\;", ";"), prepare=False)
+                while True:
+                    if cur.description is not None:
+                        cur.fetchall()
+                    if not cur.nextset():
+                        break
+        except psycopg.Error:
+            pass
+        # the session is still usable whatever happened
+        assert conn.execute("SELECT 40 + 2").fetchone() == (42,)
+    assert_no_phi(hop.snapshot())
+
+
+def test_direct_projection_is_masked_not_blocked(hop: CaptureHop) -> None:
+    with psycopg.connect(dsn_for(hop)) as conn:
+        rows = conn.execute("SELECT id, ssn, dob, visits FROM patients ORDER BY id").fetchall()
+    assert [r[0] for r in rows] == [1, 2]
+    assert all(r[3] == 3 for r in rows)  # untagged columns pass untouched
+    assert all(r[1] is not None and "900-" not in r[1] for r in rows)
+    assert [r[2] for r in rows] == [dt.date(1961, 1, 1), dt.date(1975, 1, 1)]
+    assert_no_phi(hop.snapshot())
+
+
+def test_binary_results_and_prepared_statements(hop: CaptureHop) -> None:
+    with psycopg.connect(dsn_for(hop)) as conn:
+        cur = conn.cursor(binary=True)
+        rows = cur.execute(
+            "SELECT ssn, dob, first_name FROM patients ORDER BY id", prepare=True
+        ).fetchall()
+        rows += cur.execute(
+            "SELECT ssn, dob, first_name FROM patients ORDER BY id", prepare=True
+        ).fetchall()
+    assert [r[1] for r in rows[:2]] == [dt.date(1961, 1, 1), dt.date(1975, 1, 1)]
+    assert_no_phi(hop.snapshot())
+
+
+def test_asyncpg_prepared_binary(hop: CaptureHop) -> None:
+    async def run() -> list[asyncpg.Record]:
+        conn = await asyncpg.connect(dsn_for(hop))
+        try:
+            stmt = await conn.prepare("SELECT ssn, dob, mrn, visits FROM patients ORDER BY id")
+            return list(await stmt.fetch())
+        finally:
+            await conn.close()
+
+    rows = asyncio.run(run())
+    assert [r["visits"] for r in rows] == [3, 3]
+    assert [r["dob"] for r in rows] == [dt.date(1961, 1, 1), dt.date(1975, 1, 1)]
+    assert_no_phi(hop.snapshot())
+
+
+def test_cursor_declare_fetch(hop: CaptureHop) -> None:
+    with psycopg.connect(dsn_for(hop)) as conn:
+        with conn.cursor(name="c1") as cur:  # DECLARE … FETCH through psycopg
+            cur.execute("SELECT ssn, first_name FROM patients")
+            cur.fetchall()
+        try:
+            conn.execute("DECLARE c2 CURSOR FOR SELECT ssn FROM patients")
+            conn.execute("FETCH ALL FROM c2").fetchall()
+        except psycopg.Error:
+            conn.rollback()
+    assert_no_phi(hop.snapshot())
+
+
+def test_unique_violation_detail_is_scrubbed(hop: CaptureHop) -> None:
+    with psycopg.connect(dsn_for(hop), autocommit=True) as conn:
+        with pytest.raises(psycopg.Error) as err:
+            conn.execute(
+                "UPDATE patients SET ssn = (SELECT ssn FROM patients WHERE id = 2) WHERE id = 1"
+            )
+        assert err.value.diag.message_detail is None
+    assert_no_phi(hop.snapshot())
+
+
+def test_listen_on_a_channel_not_allowlisted_is_refused(hop: CaptureHop, phi_db: str) -> None:
+    with psycopg.connect(dsn_for(hop), autocommit=True) as agent:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            agent.execute("LISTEN leak_channel")
+        with psycopg.connect(phi_db, autocommit=True) as admin:
+            admin.execute("SELECT pg_notify('leak_channel', ssn) FROM patients")
+        agent.execute("SELECT 1")
+        assert list(agent.notifies(timeout=0.5)) == []
+    assert_no_phi(hop.snapshot())
+
+
+def test_blocked_statement_in_transaction_aborts_it(hop: CaptureHop) -> None:
+    with psycopg.connect(dsn_for(hop)) as conn:
+        conn.execute("SELECT 1")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("SELECT pg_sleep(0)")
+        with pytest.raises(psycopg.errors.InFailedSqlTransaction):
+            conn.execute("SELECT 1")
+        conn.rollback()
+        assert conn.execute("SELECT 7").fetchone() == (7,)
