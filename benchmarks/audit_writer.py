@@ -1,0 +1,81 @@
+"""Sustained audit write rate: how many StatementRecords per second ``DuckDBSink`` commits.
+
+Run: ``python benchmarks/audit_writer.py [--rows N] [--queue-size N]`` (target ≥ 100k rows/s).
+One producer task emits pre-built records as fast as ``emit`` accepts them; the clock stops when
+``close()`` has committed and checkpointed everything, so the rate is end to end (queue, hash
+chain, DuckDB commit). Prints one line with rows/s; then verifies the chain it wrote.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import tempfile
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from pgproxy.audit.records import StatementRecord
+from pgproxy.audit.sink import DuckDBSink
+from pgproxy.audit.verify import verify
+
+
+def make_records(n: int) -> list[StatementRecord]:
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    return [
+        StatementRecord(
+            statement_id=f"st-{i:09d}",
+            session_id=f"sess-{i % 64}",
+            ts=t0 + timedelta(microseconds=i * 37),
+            agent=("triage-bot", "billing-bot", "research-bot")[i % 3],
+            statement_class="select",
+            fingerprint=f"{i % 500:016x}",
+            sql_redacted="SELECT first_name, ssn FROM public.patients WHERE id = $1",
+            decision="mask" if i % 2 else "allow",
+            reasons=("masked by tag ssn",) if i % 2 else (),
+            relations=("public.patients",),
+            columns=("public.patients.first_name", "public.patients.ssn"),
+            tags=("name", "ssn"),
+            masked_columns=("0:first_name:name:replace", "1:ssn:ssn:mask") if i % 2 else (),
+            rows=i % 20,
+            duration_ms=0.5 + (i % 100) / 10,
+        )
+        for i in range(n)
+    ]
+
+
+async def run(rows: int, queue_size: int, out: Path) -> float:
+    records = make_records(rows)
+    sink = DuckDBSink(out, signing_key=b"bench-key", queue_size=queue_size)
+    await sink.start()
+    t0 = time.perf_counter()
+    emit = sink.emit
+    for rec in records:
+        await emit(rec)
+    await sink.close()
+    return rows / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    ap.add_argument("--rows", type=int, default=500_000)
+    ap.add_argument("--queue-size", type=int, default=10_000)
+    ap.add_argument("--uvloop", action="store_true")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "bench.duckdb"
+        if args.uvloop:
+            import uvloop
+
+            rate = uvloop.run(run(args.rows, args.queue_size, path))
+        else:
+            rate = asyncio.run(run(args.rows, args.queue_size, path))
+        print(f"audit writer: {rate:,.0f} rows/s sustained ({args.rows:,} StatementRecords)")
+        t0 = time.perf_counter()
+        result = verify(path, b"bench-key")
+        dt = time.perf_counter() - t0
+        print(f"verify: ok={result.ok} rows={result.rows:,} in {dt:.1f}s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,296 @@
+"""DuckDBSink behaviour: durability, flush interval, spill, fault handling, start errors."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from pgproxy.audit import schema
+from pgproxy.audit.records import PolicyEvent, StatementRecord
+from pgproxy.audit.sink import AuditUnavailable, DuckDBSink, PreparedBatch, WriteBatch
+from pgproxy.audit.verify import verify
+
+from .conftest import KEY, T0, snapshot, stmt, wait_until
+
+
+def _ids(conn: duckdb.DuckDBPyConnection) -> list[str]:
+    return [
+        r[0] for r in conn.execute("SELECT statement_id FROM log_statement ORDER BY seq").fetchall()
+    ]
+
+
+async def test_emit_durable_is_on_disk_when_it_returns(tmp_path: Path) -> None:
+    path = tmp_path / "a.duckdb"
+    sink = DuckDBSink(path, signing_key=KEY, flush_interval=30)
+    await sink.start()
+    try:
+        await sink.emit(stmt("ordinary-1"))
+        await sink.emit_durable(stmt("durable-1"))
+        await sink.emit(stmt("ordinary-2"))  # after the durable one: not yet committed
+        with snapshot(path, tmp_path / "snap") as conn:
+            # the durable record and everything queued before it is on disk
+            assert _ids(conn) == ["ordinary-1", "durable-1"]
+    finally:
+        await sink.close()
+
+
+async def test_ordinary_records_reach_disk_within_flush_interval(tmp_path: Path) -> None:
+    path = tmp_path / "a.duckdb"
+    sink = DuckDBSink(path, signing_key=KEY, flush_interval=0.2)
+    await sink.start()
+    try:
+        await sink.emit(stmt("ordinary-1"))
+        with snapshot(path, tmp_path / "before") as conn:
+            assert _ids(conn) == []  # buffered, not yet written: the snapshot can tell
+        i = 0
+
+        def on_disk() -> bool:
+            nonlocal i
+            i += 1
+            with snapshot(path, tmp_path / f"poll{i}") as conn:
+                return _ids(conn) == ["ordinary-1"]
+
+        await wait_until(on_disk, timeout=5)  # bounded; the interval itself is 0.2 s
+    finally:
+        await sink.close()
+
+
+async def test_close_flushes_everything_and_checkpoints(tmp_path: Path) -> None:
+    path = tmp_path / "a.duckdb"
+    sink = DuckDBSink(path, signing_key=KEY, flush_interval=30, checkpoint_every=10_000)
+    await sink.start()
+    for i in range(50):
+        await sink.emit(stmt(f"s{i}"))
+    await sink.close()
+    with duckdb.connect(str(path), read_only=True) as conn:
+        assert _ids(conn) == [f"s{i}" for i in range(50)]
+    cps = Path(f"{path}.checkpoints").read_text().splitlines()
+    assert '"seq":50' in cps[-1]  # the close checkpoint covers the last row
+    assert verify(path, KEY).ok
+    with pytest.raises(AuditUnavailable):
+        await sink.emit(stmt("late"))
+
+
+def _blocking(real: WriteBatch, gate: threading.Event) -> WriteBatch:
+    def write(conn: duckdb.DuckDBPyConnection, batch: PreparedBatch) -> None:
+        gate.wait(10)
+        real(conn, batch)
+
+    return write
+
+
+async def test_spill_mode_keeps_every_record_in_order(tmp_path: Path) -> None:
+    path = tmp_path / "a.duckdb"
+    spill = tmp_path / "spill"
+    sink = DuckDBSink(
+        path, signing_key=KEY, queue_size=4, on_full="spill", spill_dir=spill, flush_interval=0.05
+    )
+    await sink.start()
+    gate = threading.Event()
+    sink.write_batch = _blocking(sink.write_batch, gate)  # the disk is slow
+    for i in range(200):
+        await sink.emit(stmt(f"s{i:03d}"))  # never waits
+    assert sink.spilled_total > 100
+    assert list(spill.glob("*.spill.*.jsonl"))
+    gate.set()
+    await sink.close()
+    with duckdb.connect(str(path), read_only=True) as conn:
+        assert _ids(conn) == [f"s{i:03d}" for i in range(200)]
+    assert not list(spill.glob("*.jsonl"))
+    assert verify(path, KEY).ok
+
+
+async def test_emit_durable_while_spilling_waits_for_older_spilled_records(tmp_path: Path) -> None:
+    path = tmp_path / "a.duckdb"
+    sink = DuckDBSink(
+        path, signing_key=KEY, queue_size=2, on_full="spill", spill_dir=tmp_path, flush_interval=30
+    )
+    await sink.start()
+    gate = threading.Event()
+    sink.write_batch = _blocking(sink.write_batch, gate)
+    for i in range(20):
+        await sink.emit(stmt(f"s{i:02d}"))
+    assert sink.spilling
+    durable = asyncio.create_task(sink.emit_durable(stmt("durable")))
+    await asyncio.sleep(0.05)
+    assert not durable.done()
+    gate.set()
+    await asyncio.wait_for(durable, 10)
+    with snapshot(path, tmp_path / "snap") as conn:
+        assert _ids(conn) == [*(f"s{i:02d}" for i in range(20)), "durable"]
+    await sink.close()
+
+
+async def test_spill_left_by_a_previous_run_is_replayed_at_start(tmp_path: Path) -> None:
+    path = tmp_path / "a.duckdb"
+    (tmp_path / "a.duckdb.spill.3.jsonl").write_text(
+        "".join(schema.record_to_json(stmt(f"old{i}")) + "\n" for i in range(5))
+    )
+    sink = DuckDBSink(path, signing_key=KEY, on_full="spill", spill_dir=tmp_path)
+    await sink.start()
+    await sink.emit_durable(stmt("new"))
+    await sink.close()
+    with duckdb.connect(str(path), read_only=True) as conn:
+        assert sorted(_ids(conn)) == sorted([*(f"old{i}" for i in range(5)), "new"])
+    assert not (tmp_path / "a.duckdb.spill.3.jsonl").exists()
+
+
+async def test_wait_mode_applies_backpressure(tmp_path: Path) -> None:
+    sink = DuckDBSink(tmp_path / "a.duckdb", signing_key=KEY, queue_size=2, flush_interval=30)
+    await sink.start()
+    gate = threading.Event()
+    sink.write_batch = _blocking(sink.write_batch, gate)
+    blocked = asyncio.create_task(_emit_many(sink, 40))
+    await asyncio.sleep(0.1)
+    assert not blocked.done()  # emit waits: fail closed, nothing dropped
+    gate.set()
+    await asyncio.wait_for(blocked, 10)
+    await sink.close()
+    with duckdb.connect(str(tmp_path / "a.duckdb"), read_only=True) as conn:
+        assert len(_ids(conn)) == 40
+
+
+async def _emit_many(sink: DuckDBSink, n: int) -> None:
+    for i in range(n):
+        await sink.emit(stmt(f"s{i}"))
+
+
+class FlakyWrite:
+    """Raises OSError (disk full) for the first ``failures`` calls, then writes."""
+
+    def __init__(self, real: WriteBatch, failures: int, after_commit: bool = False) -> None:
+        self.real, self.left, self.after_commit = real, failures, after_commit
+        self.calls = 0
+
+    def __call__(self, conn: duckdb.DuckDBPyConnection, batch: PreparedBatch) -> None:
+        self.calls += 1
+        if self.left > 0:
+            self.left -= 1
+            if self.after_commit:
+                self.real(conn, batch)  # committed, then the error: the retry must not duplicate
+            raise OSError(28, "No space left on device")
+        self.real(conn, batch)
+
+
+async def test_write_errors_degrade_then_recover(tmp_path: Path) -> None:
+    path = tmp_path / "a.duckdb"
+    sink = DuckDBSink(path, signing_key=KEY, flush_interval=0.02, retry_initial=0.3, retry_max=0.3)
+    await sink.start()
+    flaky = FlakyWrite(sink.write_batch, failures=3)
+    sink.write_batch = flaky
+    await sink.emit(stmt("kept-1"))
+    await wait_until(lambda: sink.degraded)
+    assert "No space left" in sink.last_error
+    with pytest.raises(AuditUnavailable):
+        await sink.emit_durable(stmt("refused"))  # the server fails closed meanwhile
+    await sink.emit(stmt("kept-2"))  # ordinary records still queue
+    await wait_until(lambda: not sink.degraded, timeout=10)
+    await sink.emit_durable(stmt("after"))
+    await sink.close()
+    assert flaky.calls >= 4
+    with duckdb.connect(str(path), read_only=True) as conn:
+        assert _ids(conn) == ["kept-1", "kept-2", "after"]
+    assert verify(path, KEY).ok
+
+
+async def test_durable_waiter_in_a_failing_batch_gets_audit_unavailable(tmp_path: Path) -> None:
+    path = tmp_path / "a.duckdb"
+    sink = DuckDBSink(path, signing_key=KEY, retry_initial=0.05, retry_max=0.05)
+    await sink.start()
+    sink.write_batch = FlakyWrite(sink.write_batch, failures=2)
+    with pytest.raises(AuditUnavailable):
+        await sink.emit_durable(stmt("d"))
+    await wait_until(lambda: not sink.degraded)
+    await sink.close()
+    with duckdb.connect(str(path), read_only=True) as conn:
+        assert _ids(conn) == ["d"]  # written on retry, never lost
+
+
+async def test_error_after_commit_does_not_duplicate_rows(tmp_path: Path) -> None:
+    path = tmp_path / "a.duckdb"
+    sink = DuckDBSink(path, signing_key=KEY, retry_initial=0.01, flush_interval=0.02)
+    await sink.start()
+    sink.write_batch = FlakyWrite(sink.write_batch, failures=1, after_commit=True)
+    await sink.emit(stmt("once"))
+    await wait_until(lambda: sink.rows_written == 1)
+    assert not sink.degraded
+    await sink.close()
+    with duckdb.connect(str(path), read_only=True) as conn:
+        assert _ids(conn) == ["once"]
+    assert verify(path, KEY).ok
+
+
+async def test_close_timeout_moves_unwritten_records_to_spill(tmp_path: Path) -> None:
+    path = tmp_path / "a.duckdb"
+    sink = DuckDBSink(
+        path, signing_key=KEY, spill_dir=tmp_path / "spill", retry_initial=0.05, retry_max=0.05
+    )
+    await sink.start()
+    sink.write_batch = FlakyWrite(sink.write_batch, failures=10**6)
+    await sink.emit(stmt("stuck"))
+    with pytest.raises(AuditUnavailable, match="spill"):
+        await sink.close(timeout=0.5)
+    # the next run replays it
+    sink2 = DuckDBSink(path, signing_key=KEY, spill_dir=tmp_path / "spill")
+    await sink2.start()
+    await sink2.close()
+    with duckdb.connect(str(path), read_only=True) as conn:
+        assert _ids(conn) == ["stuck"]
+    assert verify(path, KEY).ok
+
+
+async def test_malformed_record_is_recorded_as_rejected_not_wedging(tmp_path: Path) -> None:
+    path = tmp_path / "a.duckdb"
+    sink = DuckDBSink(path, signing_key=KEY)
+    await sink.start()
+    bad = StatementRecord("bad\ud800", "s", T0, "a", "select", "f", "SELECT 1", "ALLOW")
+    await sink.emit(bad)
+    await sink.emit_durable(stmt("good"))
+    await sink.close()
+    with duckdb.connect(str(path), read_only=True) as conn:
+        assert _ids(conn) == ["good"]
+        ev = conn.execute("SELECT event, detail FROM policy_events").fetchall()
+    assert ev == [("audit_record_rejected", "StatementRecord: UnicodeEncodeError")]
+    assert verify(path, KEY).ok
+
+
+async def test_locked_file_is_audit_unavailable(tmp_path: Path) -> None:
+    path = tmp_path / "a.duckdb"
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import duckdb, sys, time; c = duckdb.connect(sys.argv[1]); print('ready', flush=True);"
+         " time.sleep(30)", str(path)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline().strip() == "ready"
+        sink = DuckDBSink(path, signing_key=KEY)
+        with pytest.raises(AuditUnavailable, match="lock"):
+            await sink.start()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+async def test_unwritable_location_is_audit_unavailable(tmp_path: Path) -> None:
+    (tmp_path / "not-a-dir").write_text("x")
+    sink = DuckDBSink(tmp_path / "not-a-dir" / "a.duckdb", signing_key=KEY)
+    with pytest.raises(AuditUnavailable, match="cannot open audit file"):
+        await sink.start()
+
+
+async def test_policy_event_roundtrip_and_views(tmp_path: Path) -> None:
+    path = tmp_path / "a.duckdb"
+    async with DuckDBSink(path, signing_key=KEY) as sink:
+        await sink.emit(PolicyEvent(T0, "loaded", "3 files"))
+    with duckdb.connect(str(path), read_only=True) as conn:
+        assert conn.execute("SELECT ts, event, detail FROM policy_events").fetchall() == [
+            (T0.replace(tzinfo=None), "loaded", "3 files")
+        ]
