@@ -191,8 +191,33 @@ async def _refresh(hub: Any) -> int:
 
 
 def _audit(args: argparse.Namespace) -> int:
-    print(
-        "pgproxy: the audit commands need the audit store, which this build does not have yet",
-        file=sys.stderr,
-    )
-    return 2
+    from pgproxy.audit.http import query_over_http
+    from pgproxy.audit.keys import AuditKeyError, resolve_key
+    from pgproxy.audit.query import AuditQueryError, QueryRejected, format_result, run_query
+    from pgproxy.audit.verify import verify
+
+    env_settings = load_settings({})
+    path = args.audit or env_settings.audit
+    try:
+        if args.audit_command == "sql":
+            if args.http:
+                result = _run_async_value(query_over_http(args.http, args.query))
+            else:
+                result = run_query(path, args.query)
+            print(format_result(result, args.format))
+            return 0
+        key = resolve_key(args.audit_key or env_settings.audit_key, path, create=False)
+        outcome = verify(path, key)
+    except (QueryRejected, AuditQueryError, AuditKeyError) as exc:
+        print(f"pgproxy: {exc}", file=sys.stderr)
+        return 1
+    if outcome.ok:
+        signed = "signed" if key else "unsigned (no key found)"
+        print(f"{path}: ok, {outcome.rows} rows, {outcome.checkpoints} checkpoints {signed}")
+        return 0
+    print(f"{path}: TAMPERED: {outcome.first_bad}", file=sys.stderr)
+    return 1
+
+
+def _run_async_value(coro: Any) -> Any:
+    return asyncio.run(coro)

@@ -44,12 +44,18 @@ def _metrics_text(proxy: Proxy, extra: Callable[[], dict[str, float]] | None) ->
 
 
 def make_app(
-    proxy: Proxy, extra_metrics: Callable[[], dict[str, float]] | None = None
+    proxy: Proxy,
+    extra_metrics: Callable[[], dict[str, float]] | None = None,
+    health: Callable[[], dict[str, str]] | None = None,
 ) -> web.Application:
     app = web.Application(client_max_size=1 << 20)
 
     async def healthz(request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok", "connections": proxy.metrics.connections_active})
+        parts = health() if health else {}
+        ok = all(v == "ok" for v in parts.values())
+        body: dict[str, object] = {"status": "ok" if ok else "degraded", **parts}
+        body["connections"] = proxy.metrics.connections_active
+        return web.json_response(body, status=200 if ok else 503)
 
     async def metrics(request: web.Request) -> web.Response:
         return web.Response(

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pgproxy.audit.records import AuditSink, MemorySink
 from pgproxy.rules import Rules
 from pgproxy.server import upstream as up
+from pgproxy.server.audit_wire import AuditQuery
 from pgproxy.server.credentials import CredentialStore
 from pgproxy.server.session import (
     ClientSession,
@@ -73,6 +74,8 @@ class Proxy:
         self.audit: AuditSink = audit or MemorySink()
         self.hold_handler: HoldHandler = hold_handler or deny_holds
         self.metrics = Metrics()
+        #: runs analyst queries for the ``audit`` database over the wire (None: not offered)
+        self.audit_query: AuditQuery | None = None
         #: called after a DDL statement completed through the proxy (the catalog changed)
         self.after_ddl: Callable[[], None] = lambda: None
         self.sessions: dict[tuple[int, int], ClientSession] = {}

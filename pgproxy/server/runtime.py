@@ -14,12 +14,19 @@ import signal
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 from aiohttp import web
 
-from pgproxy.audit.records import AuditSink, MemorySink
+from pgproxy.audit.export import run_periodic_export
+from pgproxy.audit.http import audit_routes
+from pgproxy.audit.keys import AuditKeyError, resolve_key
+from pgproxy.audit.query import AuditQueryError, QueryRejected
+from pgproxy.audit.records import PolicyEvent
+from pgproxy.audit.sink import AuditUnavailable, DuckDBSink
 from pgproxy.config import ConfigError, Settings
 from pgproxy.rules import Rules, RulesError, load_rules
+from pgproxy.server.audit_wire import AuditQuery, AuditQueryFailed, Result
 from pgproxy.server.http import make_app
 from pgproxy.server.policy_hub import PolicyHub
 from pgproxy.server.proxy import Proxy, ProxyConfig
@@ -49,22 +56,30 @@ class Runtime:
     settings: Settings
     rules: Rules
     proxy: Proxy
-    audit: AuditSink
+    audit: DuckDBSink
     hub: PolicyHub
     http_runner: web.AppRunner | None = None
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    _background: set[asyncio.Future[None]] = field(default_factory=set)
 
     def reload(self) -> bool:
         try:
             rules = load_rules(self.settings.rules)
         except RulesError as exc:
             log.error("rules reload failed, keeping the previous rules: %s", exc)
+            self._policy_event("reload_failed", exc.reason[:200])
             return False
+        self._policy_event("reloaded", f"{len(rules.agents)} agents")
         self.rules = rules
         self.proxy.update_rules(rules)
         self.hub.update_rules(rules)
         log.info("rules reloaded from %s", self.settings.rules)
         return True
+
+    def _policy_event(self, event: str, detail: str) -> None:
+        task = asyncio.ensure_future(self.audit.emit(PolicyEvent(datetime.now(UTC), event, detail)))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
 
 async def build(settings: Settings) -> Runtime:
@@ -84,20 +99,64 @@ async def build(settings: Settings) -> Runtime:
         cleartext_over_tls=settings.cleartext_over_tls,
         max_message_size=settings.max_message_size,
     )
-    audit: AuditSink = MemorySink()
+    try:
+        key = resolve_key(settings.audit_key, settings.audit, create=True)
+    except AuditKeyError as exc:
+        raise ConfigError(str(exc)) from None
+    sink = DuckDBSink(
+        settings.audit,
+        signing_key=key,
+        flush_interval=settings.audit_flush_seconds,
+        export_dir=settings.audit_export,
+    )
+    try:
+        await sink.start()
+    except AuditUnavailable as exc:
+        raise ConfigError(f"--audit {settings.audit}: {exc}") from None
     hub = PolicyHub(rules, settings.upstream, _pseudonym_key(settings))
     if not await hub.refresh():
         log.error("starting without a catalog: statements are blocked until it can be read")
-    proxy = Proxy(config, rules, audit=audit, policy_factory=hub.session_policy)
+    proxy = Proxy(config, rules, audit=sink, policy_factory=hub.session_policy)
     proxy.after_ddl = hub.schedule_refresh
-    return Runtime(settings, rules, proxy, audit, hub)
+    proxy.audit_query = _audit_query(sink)
+    await sink.emit(PolicyEvent(datetime.now(UTC), "loaded", f"{len(rules.agents)} agents"))
+    return Runtime(settings, rules, proxy, sink, hub)
+
+
+def _audit_query(sink: DuckDBSink) -> AuditQuery:
+    async def query(sql: str) -> Result:
+        try:
+            result = await sink.query(sql, max_rows=100_000)
+        except QueryRejected as exc:
+            raise AuditQueryFailed(str(exc), "42501") from None
+        except AuditQueryError as exc:
+            raise AuditQueryFailed(str(exc), "42000") from None
+        except AuditUnavailable as exc:
+            raise AuditQueryFailed(str(exc), "57P03") from None
+        return Result(result.columns, result.rows)
+
+    return query
 
 
 async def run(settings: Settings, ready: Callable[[Runtime], None] | None = None) -> int:
     """Serve until a stop signal; returns the exit code."""
     runtime = await build(settings)
     host, port = await runtime.proxy.start()
-    app = make_app(runtime.proxy)
+    sink = runtime.audit
+    app = make_app(
+        runtime.proxy,
+        health=lambda: {"audit": "degraded" if sink.degraded else "ok"},
+        extra_metrics=lambda: {
+            "pgproxy_audit_degraded": float(sink.degraded),
+            "pgproxy_audit_rows_written_total": float(sink.rows_written),
+        },
+    )
+    app.add_routes(audit_routes(sink))
+    export_task = (
+        asyncio.create_task(run_periodic_export(sink, settings.audit_export, 3600))
+        if settings.audit_export
+        else None
+    )
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     http_host, http_port = settings.http_addr
@@ -121,4 +180,7 @@ async def run(settings: Settings, ready: Callable[[Runtime], None] | None = None
     log.info("stopping: draining sessions for up to %ss", settings.drain_seconds)
     await runtime.proxy.stop(settings.drain_seconds)
     await runner.cleanup()
+    if export_task is not None:
+        export_task.cancel()
+    await sink.close(timeout=30)
     return 0

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Protocol
 import scramp
 
 from pgproxy.audit.records import SessionEnded, SessionStarted, StatementRecord
-from pgproxy.policy.seam import SessionPolicy
+from pgproxy.policy.seam import Action, SessionPolicy, Verdict
 from pgproxy.protocol import codes
 from pgproxy.protocol import messages as m
 from pgproxy.protocol.errors import PeerProtocolError
@@ -45,6 +45,7 @@ from pgproxy.protocol.startup import (
     read_startup,
 )
 from pgproxy.server import upstream as up
+from pgproxy.server.audit_wire import AuditWireSession
 from pgproxy.server.credentials import MECHANISM, CredentialStore, Identity, ScramServer
 
 if TYPE_CHECKING:
@@ -104,6 +105,7 @@ class ClientSession:
     hold_task: asyncio.Task[tuple[bool, str]] | None = None
     _stmt_started: dict[int, datetime] = field(default_factory=dict)
     _stmt_ids: dict[int, str] = field(default_factory=dict)
+    _recorded: set[int] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         peer = self.writer.get_extra_info("peername")
@@ -118,6 +120,9 @@ class ClientSession:
             if startup is None:
                 return
             await self._authenticate(startup)
+            if self.info.identity is not None and self.info.identity.kind == "analyst":
+                await self._serve_audit()
+                return
             await self._connect_upstream(startup)
             await self._relay()
         except Disconnect:
@@ -226,11 +231,11 @@ class ClientSession:
                 codes.INVALID_PASSWORD, f'password authentication failed for user "{user}"'
             )
             raise Disconnect
-        if identity.kind != "agent":
-            await self._audit_auth("analyst access to the audit database is not enabled here")
+        if identity.kind == "analyst" and self.info.database != "audit":
+            await self._audit_auth("analyst asked for a database other than audit")
             await self._fatal(
                 codes.INVALID_AUTHORIZATION_SPECIFICATION,
-                f'"{user}" is an audit analyst: connect to the audit database',
+                f'"{user}" is an audit analyst and may only connect to the database "audit"',
             )
             raise Disconnect
         self.info.identity = identity
@@ -296,6 +301,18 @@ class ClientSession:
                 tls=self.info.tls,
             )
         )
+
+    # ------------------------------------------------------------------------- analysts
+
+    async def _serve_audit(self) -> None:
+        query = self.proxy.audit_query
+        if query is None:
+            await self._audit_auth("audit database not offered")
+            await self._fatal(codes.FEATURE_NOT_SUPPORTED, "the audit database is not available")
+            raise Disconnect
+        await self._audit_auth("ok")
+        self.info.key = self.proxy.register(self)
+        await AuditWireSession(self.reader, self.writer, query).serve(self.info.key)
 
     # ------------------------------------------------------------------------- upstream
 
@@ -410,36 +427,27 @@ class ClientSession:
             self._stmt_started[ev.statement_id] = now
             self._stmt_ids[ev.statement_id] = uuid.uuid4().hex
             self.proxy.metrics.count_statement(ev.verdict.action.value)
+            if ev.verdict.action is Action.BLOCK:
+                # a block is on disk before the agent can learn of it
+                record = self._record(ev.statement_id, ev.verdict, now, now, 0, "42501")
+                self._recorded.add(ev.statement_id)
+                try:
+                    await self.proxy.audit.emit_durable(record)
+                except Exception:
+                    log.error("session %s: could not record a block", self.info.session_id)
         elif isinstance(ev, StatementFinished):
             started = self._stmt_started.pop(ev.statement_id, now)
-            sid = self._stmt_ids.pop(ev.statement_id, uuid.uuid4().hex)
             v = ev.verdict
             self.proxy.metrics.masked_cells += ev.masked_cells
-            masked = tuple(f"{c.ordinal}:{c.column}:{c.tag}:{c.operator}" for c in v.masks)
-            record = StatementRecord(
-                statement_id=sid,
-                session_id=self.info.session_id,
-                ts=started,
-                agent=self.info.agent,
-                statement_class=v.statement_class,
-                fingerprint=v.fingerprint,
-                sql_redacted=v.sql_redacted,
-                decision=v.action.value,
-                reasons=v.reasons,
-                relations=v.relations,
-                columns=v.columns,
-                tags=v.tags,
-                masked_columns=masked,
-                rows=ev.rows,
-                duration_ms=(now - started).total_seconds() * 1000,
-                sqlstate=ev.sqlstate,
-            )
             if v.admits and not ev.sqlstate and "ddl" in (v.statement_class, v.hold_class):
                 self.proxy.after_ddl()
-            if v.admits:
-                await self.proxy.audit.emit(record)
-            else:
-                await self.proxy.audit.emit_durable(record)
+            if ev.statement_id in self._recorded:
+                self._recorded.discard(ev.statement_id)
+                self._stmt_ids.pop(ev.statement_id, None)
+                return
+            record = self._record(ev.statement_id, v, started, now, ev.rows, ev.sqlstate)
+            self._stmt_ids.pop(ev.statement_id, None)
+            await self.proxy.audit.emit(record)
         elif isinstance(ev, HoldRequested):
             self.hold_task = asyncio.create_task(self._hold(ev))
         elif isinstance(ev, Terminated):
@@ -449,6 +457,28 @@ class ClientSession:
                 "session %s: protocol violation by the %s", self.info.session_id,
                 "client" if ev.by_client else "database",
             )  # fmt: skip
+
+    def _record(
+        self, sid: int, v: Verdict, started: datetime, now: datetime, rows: int, sqlstate: str
+    ) -> StatementRecord:
+        return StatementRecord(
+            statement_id=self._stmt_ids.get(sid) or uuid.uuid4().hex,
+            session_id=self.info.session_id,
+            ts=started,
+            agent=self.info.agent,
+            statement_class=v.statement_class,
+            fingerprint=v.fingerprint,
+            sql_redacted=v.sql_redacted,
+            decision=v.action.value,
+            reasons=v.reasons,
+            relations=v.relations,
+            columns=v.columns,
+            tags=v.tags,
+            masked_columns=tuple(f"{c.ordinal}:{c.column}:{c.tag}:{c.operator}" for c in v.masks),
+            rows=rows,
+            duration_ms=(now - started).total_seconds() * 1000,
+            sqlstate=sqlstate,
+        )
 
     async def _hold(self, ev: HoldRequested) -> tuple[bool, str]:
         relay = self.relay

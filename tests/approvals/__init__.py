@@ -1,0 +1,1 @@
+"""Tests of the approval hold: store, service, mail outbox, review pages."""
