@@ -15,6 +15,7 @@ import asyncio
 import datetime as dt
 import decimal
 import json
+import re
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -33,6 +34,14 @@ class Result:
 
 
 AuditQuery = Callable[[str], Awaitable[Result]]
+
+#: statements drivers send on their own (transaction control, session settings): answered
+#: without touching the audit, since every query here is read-only anyway
+_HOUSEKEEPING = re.compile(
+    r"^\s*(BEGIN|START\s+TRANSACTION|COMMIT|END|ROLLBACK|ABORT|SET|RESET|DISCARD|DEALLOCATE)\b",
+    re.IGNORECASE,
+)
+_TAGS = {"START": "BEGIN", "END": "COMMIT", "ABORT": "ROLLBACK"}
 
 
 class AuditQueryFailed(Exception):
@@ -109,6 +118,23 @@ class AuditWireSession:
         self._portals: dict[str, str] = {}
         self._results: dict[str, Result] = {}
         self._skip_to_sync = False
+        self._in_transaction = False
+
+    def _ready(self) -> bytes:
+        return m.ReadyForQuery(b"T" if self._in_transaction else b"I").encode()
+
+    def _housekeeping(self, sql: str) -> str | None:
+        """The command tag for a statement handled here, or None for a real query."""
+        found = _HOUSEKEEPING.match(sql)
+        if found is None:
+            return None
+        word = found.group(1).split()[0].upper()
+        tag = _TAGS.get(word, word)
+        if tag == "BEGIN":
+            self._in_transaction = True
+        elif tag in ("COMMIT", "ROLLBACK"):
+            self._in_transaction = False
+        return tag
 
     def greeting(self, key: tuple[int, int]) -> bytes:
         out = bytearray(m.Authentication(m.AUTH_OK).encode())
@@ -149,7 +175,7 @@ class AuditWireSession:
                 return
             if isinstance(msg, m.Sync):
                 self._skip_to_sync = False
-                w.write(m.ReadyForQuery(b"I").encode())
+                w.write(self._ready())
             elif isinstance(msg, m.Parse):
                 if msg.param_types:
                     raise AuditQueryFailed("parameters are not supported here", "0A000")
@@ -167,6 +193,11 @@ class AuditWireSession:
             elif isinstance(msg, m.Describe):
                 await self._describe(msg)
             elif isinstance(msg, m.Execute):
+                sql = self._portals.get(msg.portal, "")
+                tag = self._housekeeping(sql)
+                if tag is not None:
+                    w.write(m.CommandComplete(tag).encode())
+                    return
                 result = await self._portal_result(msg.portal)
                 w.write(_rows(result))
                 self._results.pop(msg.portal, None)
@@ -207,18 +238,22 @@ class AuditWireSession:
         return result
 
     async def _run(self, sql: str) -> Result:
-        if not sql.strip().rstrip(";").strip():
+        if not sql.strip().rstrip(";").strip() or _HOUSEKEEPING.match(sql):
             return Result((), ())
         return await self.query(sql)
 
     async def _simple(self, sql: str) -> None:
         w = self.writer
         if not sql.strip().rstrip(";").strip():
-            w.write(m.EmptyQueryResponse().encode() + m.ReadyForQuery(b"I").encode())
+            w.write(m.EmptyQueryResponse().encode() + self._ready())
+            return
+        tag = self._housekeeping(sql)
+        if tag is not None:
+            w.write(m.CommandComplete(tag).encode() + self._ready())
             return
         try:
             result = await self._run(sql)
         except AuditQueryFailed as exc:
-            w.write(m.error(exc.sqlstate, exc.message) + m.ReadyForQuery(b"I").encode())
+            w.write(m.error(exc.sqlstate, exc.message) + self._ready())
             return
-        w.write(_row_description(result.columns) + _rows(result) + m.ReadyForQuery(b"I").encode())
+        w.write(_row_description(result.columns) + _rows(result) + self._ready())

@@ -19,11 +19,10 @@ from pgproxy.rules import Rules
 from pgproxy.server import upstream as up
 from pgproxy.server.audit_wire import AuditQuery
 from pgproxy.server.credentials import CredentialStore
+from pgproxy.server.holds import DenyHolds, HoldHandler
 from pgproxy.server.session import (
     ClientSession,
-    HoldHandler,
     PolicyFactory,
-    deny_holds,
     new_backend_key,
 )
 
@@ -63,7 +62,7 @@ class Proxy:
         *,
         policy_factory: PolicyFactory | None = None,
         audit: AuditSink | None = None,
-        hold_handler: HoldHandler | None = None,
+        holds: HoldHandler | None = None,
     ) -> None:
         from pgproxy.policy.seam import AllowAll
 
@@ -72,7 +71,7 @@ class Proxy:
         self.credentials = CredentialStore(rules)
         self.policy_factory: PolicyFactory = policy_factory or (lambda info: AllowAll())
         self.audit: AuditSink = audit or MemorySink()
-        self.hold_handler: HoldHandler = hold_handler or deny_holds
+        self.holds: HoldHandler = holds or DenyHolds()
         self.metrics = Metrics()
         #: runs analyst queries for the ``audit`` database over the wire (None: not offered)
         self.audit_query: AuditQuery | None = None

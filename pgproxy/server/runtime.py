@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import sqlite3
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,6 +19,10 @@ from datetime import UTC, datetime
 
 from aiohttp import web
 
+from pgproxy.approvals.mail import make_notifier
+from pgproxy.approvals.service import ApprovalService
+from pgproxy.approvals.store import SqliteApprovalStore
+from pgproxy.approvals.web import approval_routes
 from pgproxy.audit.export import run_periodic_export
 from pgproxy.audit.http import audit_routes
 from pgproxy.audit.keys import AuditKeyError, resolve_key
@@ -27,6 +32,7 @@ from pgproxy.audit.sink import AuditUnavailable, DuckDBSink
 from pgproxy.config import ConfigError, Settings
 from pgproxy.rules import Rules, RulesError, load_rules
 from pgproxy.server.audit_wire import AuditQuery, AuditQueryFailed, Result
+from pgproxy.server.holds import ApprovalHolds
 from pgproxy.server.http import make_app
 from pgproxy.server.policy_hub import PolicyHub
 from pgproxy.server.proxy import Proxy, ProxyConfig
@@ -58,6 +64,7 @@ class Runtime:
     proxy: Proxy
     audit: DuckDBSink
     hub: PolicyHub
+    approvals: ApprovalService
     http_runner: web.AppRunner | None = None
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     _background: set[asyncio.Future[None]] = field(default_factory=set)
@@ -73,6 +80,7 @@ class Runtime:
         self.rules = rules
         self.proxy.update_rules(rules)
         self.hub.update_rules(rules)
+        self.approvals.update_rules(rules)
         log.info("rules reloaded from %s", self.settings.rules)
         return True
 
@@ -116,11 +124,20 @@ async def build(settings: Settings) -> Runtime:
     hub = PolicyHub(rules, settings.upstream, _pseudonym_key(settings))
     if not await hub.refresh():
         log.error("starting without a catalog: statements are blocked until it can be read")
+    store = SqliteApprovalStore(settings.approvals_path)
+    notifier = make_notifier(settings.smtp, settings.mail_from, settings.webhook_url)
+    approvals = ApprovalService(store, rules, notifier, sink, settings.base_url)
+    try:
+        await approvals.start()
+    except (OSError, sqlite3.Error) as exc:
+        await sink.close()
+        raise ConfigError(f"--approvals-db {settings.approvals_path}: {exc}") from None
     proxy = Proxy(config, rules, audit=sink, policy_factory=hub.session_policy)
+    proxy.holds = ApprovalHolds(approvals, lambda: proxy.rules)
     proxy.after_ddl = hub.schedule_refresh
     proxy.audit_query = _audit_query(sink)
     await sink.emit(PolicyEvent(datetime.now(UTC), "loaded", f"{len(rules.agents)} agents"))
-    return Runtime(settings, rules, proxy, sink, hub)
+    return Runtime(settings, rules, proxy, sink, hub, approvals)
 
 
 def _audit_query(sink: DuckDBSink) -> AuditQuery:
@@ -152,6 +169,7 @@ async def run(settings: Settings, ready: Callable[[Runtime], None] | None = None
         },
     )
     app.add_routes(audit_routes(sink))
+    app.add_routes(approval_routes(runtime.approvals))
     export_task = (
         asyncio.create_task(run_periodic_export(sink, settings.audit_export, 3600))
         if settings.audit_export
@@ -182,5 +200,6 @@ async def run(settings: Settings, ready: Callable[[Runtime], None] | None = None
     await runner.cleanup()
     if export_task is not None:
         export_task.cancel()
+    await runtime.approvals.close()
     await sink.close(timeout=30)
     return 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import secrets
 import ssl
@@ -19,7 +20,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 import scramp
 
@@ -47,6 +48,7 @@ from pgproxy.protocol.startup import (
 from pgproxy.server import upstream as up
 from pgproxy.server.audit_wire import AuditWireSession
 from pgproxy.server.credentials import MECHANISM, CredentialStore, Identity, ScramServer
+from pgproxy.server.holds import HoldContext, HoldOutcome
 
 if TYPE_CHECKING:
     from pgproxy.server.proxy import Proxy
@@ -80,17 +82,6 @@ class SessionInfo:
     key: tuple[int, int] = (0, 0)
 
 
-class HoldHandler(Protocol):
-    async def __call__(self, session: SessionInfo, hold: HoldRequested) -> tuple[bool, str]:
-        """Wait for the decision on a held statement: (approved, message for the agent)."""
-        ...
-
-
-async def deny_holds(session: SessionInfo, hold: HoldRequested) -> tuple[bool, str]:
-    """Used when no approval service is configured: a held statement can never run."""
-    return False, "statement requires approval, and no approval service is configured"
-
-
 PolicyFactory = Callable[[SessionInfo], SessionPolicy]
 
 
@@ -102,10 +93,11 @@ class ClientSession:
     info: SessionInfo = field(init=False)
     upstream: up.Upstream | None = None
     relay: Relay | None = None
-    hold_task: asyncio.Task[tuple[bool, str]] | None = None
+    hold_task: asyncio.Task[HoldOutcome] | None = None
     _stmt_started: dict[int, datetime] = field(default_factory=dict)
     _stmt_ids: dict[int, str] = field(default_factory=dict)
     _recorded: set[int] = field(default_factory=set)
+    _approvals: dict[int, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         peer = self.writer.get_extra_info("peername")
@@ -447,7 +439,15 @@ class ClientSession:
                 return
             record = self._record(ev.statement_id, v, started, now, ev.rows, ev.sqlstate)
             self._stmt_ids.pop(ev.statement_id, None)
-            await self.proxy.audit.emit(record)
+            approval_id = self._approvals.pop(ev.statement_id, "")
+            if approval_id:
+                record = dataclasses.replace(record, approval_id=approval_id)
+                await self.proxy.audit.emit_durable(record)
+                await self.proxy.holds.executed(approval_id, ev.rows, ev.sqlstate)
+            elif not v.admits:
+                await self.proxy.audit.emit_durable(record)
+            else:
+                await self.proxy.audit.emit(record)
         elif isinstance(ev, HoldRequested):
             self.hold_task = asyncio.create_task(self._hold(ev))
         elif isinstance(ev, Terminated):
@@ -480,29 +480,40 @@ class ClientSession:
             sqlstate=sqlstate,
         )
 
-    async def _hold(self, ev: HoldRequested) -> tuple[bool, str]:
+    async def _hold(self, ev: HoldRequested) -> HoldOutcome:
         relay = self.relay
         assert relay is not None and self.upstream is not None
+        ctx = HoldContext(
+            agent=self.info.agent,
+            database=self.info.database,
+            session_id=self.info.session_id,
+            statement_id=self._stmt_ids.get(ev.statement_id, ""),
+            notice=self._notice,
+        )
         self.proxy.metrics.pending_holds += 1
         try:
-            approved, message = await self.proxy.hold_handler(self.info, ev)
+            outcome = await self.proxy.holds.hold(ctx, ev)
         except asyncio.CancelledError:
-            approved, message = False, "the request was withdrawn"
             raise
         except Exception:
             log.exception("approval handling failed")
-            approved, message = (
-                False,
-                "statement requires approval, and the approval could not be obtained",
+            outcome = HoldOutcome(
+                False, "statement requires approval, and it could not be requested"
             )
         finally:
             self.proxy.metrics.pending_holds -= 1
-        relay.release(approved, message)
+        if outcome.approved and outcome.approval_id:
+            self._approvals[ev.statement_id] = outcome.approval_id
+        relay.release(outcome.approved, outcome.message)
         await self._after_feed()
         if relay.to_server:
             self.upstream.writer.write(bytes(relay.to_server))
             relay.to_server.clear()
-        return approved, message
+        return outcome
+
+    def _notice(self, text: str) -> None:
+        with contextlib.suppress(Exception):
+            self.writer.write(m.notice(text))
 
     async def cancel_hold(self) -> bool:
         """A CancelRequest arrived while a statement is held: withdraw it."""
