@@ -13,7 +13,7 @@ import logging
 import signal
 import sqlite3
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -155,8 +155,13 @@ def _audit_query(sink: DuckDBSink) -> AuditQuery:
     return query
 
 
-async def run(settings: Settings, ready: Callable[[Runtime], None] | None = None) -> int:
-    """Serve until a stop signal; returns the exit code."""
+async def run(
+    settings: Settings,
+    ready: Callable[[Runtime], None] | None = None,
+    extra_routes: Sequence[web.RouteTableDef] = (),
+) -> int:
+    """Serve until a stop signal; returns the exit code. ``extra_routes`` are mounted on the
+    HTTP application too (the demo's mailbox uses this)."""
     runtime = await build(settings)
     host, port = await runtime.proxy.start()
     sink = runtime.audit
@@ -170,6 +175,8 @@ async def run(settings: Settings, ready: Callable[[Runtime], None] | None = None
     )
     app.add_routes(audit_routes(sink))
     app.add_routes(approval_routes(runtime.approvals))
+    for routes in extra_routes:
+        app.add_routes(routes)
     export_task = (
         asyncio.create_task(run_periodic_export(sink, settings.audit_export, 3600))
         if settings.audit_export
