@@ -211,6 +211,12 @@ class Catalog:
     def tagged_refs_of(self, oid: int) -> frozenset[Ref]:
         return frozenset(ref for ref in self._tags if ref[0] == oid)
 
+    def column_type(self, ref: Ref) -> int | None:
+        """The type OID of a column, or None if unknown."""
+        rel = self._rels.get(ref[0])
+        col = next((c for c in rel.columns if c.attnum == ref[1]), None) if rel else None
+        return col.type_oid if col is not None else None
+
     def column_name(self, ref: Ref) -> str:
         rel = self._rels.get(ref[0])
         if rel is None:

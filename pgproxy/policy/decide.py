@@ -34,10 +34,12 @@ from pgproxy.policy.lineage import LineageError, StatementLineage, analyze
 from pgproxy.policy.operators import MaskCatalog
 from pgproxy.policy.redact import fingerprint, redact
 from pgproxy.policy.seam import (
+    PASS_COPY,
     PASS_ROWS,
     Action,
     CellRewriter,
     ColumnMask,
+    CopyPlan,
     FieldInfo,
     ResultPolicy,
     RowPlan,
@@ -141,7 +143,10 @@ class ColumnPlan:
 class LineageResult:
     """The ``ResultPolicy`` of one statement: checks each RowDescription against the lineage."""
 
-    __slots__ = ("_catalog", "_masks", "_max_rows", "_memo", "_profile", "_scrub", "columns")
+    __slots__ = (
+        "_catalog", "_masks", "_max_rows", "_memo", "_profile", "_scrub", "columns",
+        "copy_format", "copy_header",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -159,10 +164,43 @@ class LineageResult:
         self._scrub = scrub
         self._max_rows = max_rows
         self._memo: dict[tuple[FieldInfo, ...], RowPlan] = {}
+        self.copy_format = "text"
+        self.copy_header = False
 
     @property
     def scrub_diagnostics(self) -> bool:
         return self._scrub
+
+    def copy_plan(self, index: int = 0) -> CopyPlan:
+        """COPY rows carry no RowDescription: mask by the lineage alone. A directly projected
+        column is masked as its source column's type; anything derived is redacted."""
+        try:
+            rewriters: dict[int, CellRewriter] = {}
+            masks: list[ColumnMask] = []
+            for i, col in enumerate(self.columns):
+                if not col.masked:
+                    continue
+                type_oid = 25
+                if col.direct and len(col.sources) == 1:
+                    type_oid = self._catalog.column_type(next(iter(col.sources))) or 25
+                f = FieldInfo(col.name, 0, 0, type_oid, -1, -1, 0)
+                if col.tag is not None:
+                    rewriters[i] = self._masks.rewriter(col.tag, f, self._profile)
+                    masks.append(
+                        ColumnMask(
+                            i, col.name, col.tag, self._masks.operator_name(col.tag, self._profile)
+                        )
+                    )
+                else:
+                    rewriters[i] = self._masks.redact_cell(f)
+                    masks.append(ColumnMask(i, col.name, ",".join(col.redact_tags), "redact"))
+            if rewriters and self.copy_format == "binary":
+                return CopyPlan(
+                    RowPlan(block="binary COPY of tagged data cannot be masked"), "binary"
+                )
+            return CopyPlan(RowPlan(rewriters, tuple(masks)), self.copy_format, self.copy_header)
+        except Exception:
+            return CopyPlan(RowPlan(block=INTERNAL_ERROR))
 
     @property
     def max_rows(self) -> int | None:
@@ -223,6 +261,14 @@ class StatementResults:
         limits = [p.max_rows for p in self._parts if p is not None and p.max_rows is not None]
         return min(limits) if limits else None
 
+    def copy_plan(self, index: int = 0) -> CopyPlan:
+        if not 0 <= index < len(self._parts):
+            return CopyPlan(
+                RowPlan(block="a result arrived for a statement the policy did not see")
+            )
+        part = self._parts[index]
+        return part.copy_plan() if part is not None else PASS_COPY
+
     def plan(self, fields: Sequence[FieldInfo], index: int = 0) -> RowPlan:
         if not 0 <= index < len(self._parts):
             return RowPlan(block="a result arrived for a statement the policy did not see")
@@ -232,6 +278,29 @@ class StatementResults:
         if any(f.table_oid and self._catalog.tag((f.table_oid, f.attnum)) for f in fields):
             return RowPlan(block="a result column carries tagged data unexpectedly")
         return PASS_ROWS
+
+
+def _copy_options(node: Any) -> tuple[str, bool, str]:
+    """(format, header, first option the COPY masker does not handle or "")."""
+    fmt, header, other = "text", False, ""
+    for opt in node.options or ():
+        name = opt.defname
+        arg = opt.arg
+        value = getattr(arg, "sval", None) if arg is not None else None
+        if name == "format":
+            fmt = str(value).lower()
+        elif name == "header":
+            if arg is None:
+                header = True
+            elif hasattr(arg, "boolval"):
+                header = bool(arg.boolval)
+            else:
+                header = str(value).lower() in ("true", "on", "1", "match")
+        elif name == "encoding" and str(value).upper().replace("-", "") == "UTF8":
+            continue
+        elif not other:
+            other = name
+    return fmt, header, other
 
 
 # -- one statement's decision ----------------------------------------------------------------------
@@ -644,6 +713,12 @@ class PolicyEngine:
         if d.action is Action.BLOCK:
             return d
         tagged = d.result is not None and any(p.masked for p in d.result.columns)
+        fmt, header, other = _copy_options(node)
+        if tagged and (other or fmt == "binary"):
+            why = "binary format" if fmt == "binary" else f"option {other}"
+            return _block(klass, f"COPY of tagged data with {why} cannot be masked")
+        if d.result is not None:
+            d.result.copy_format, d.result.copy_header = fmt, header
         if tagged and self._held("bulk_export"):
             d.action, d.hold_class = Action.HOLD, "bulk_export"
             d.reasons = [*d.reasons, "COPY of tagged data is a bulk export"]

@@ -74,7 +74,8 @@ _DENY_GLOBS: tuple[str, ...] = (
 
 _ALLOW: frozenset[str] = frozenset(
     """
-    pg_advisory_unlock_all abs ceil ceiling floor round trunc sign sqrt cbrt exp ln log log10 power pow mod div
+    pg_advisory_unlock_all
+    abs ceil ceiling floor round trunc sign sqrt cbrt exp ln log log10 power pow mod div
     greatest least width_bucket random pi degrees radians sin cos tan asin acos atan atan2 scale
     gcd lcm factorial numeric_inc upper lower initcap length char_length character_length
     octet_length bit_length substr substring left right lpad rpad ltrim rtrim btrim trim replace

@@ -69,12 +69,32 @@ class RowPlan:
 PASS_ROWS = RowPlan()
 
 
+@dataclass(frozen=True, slots=True)
+class CopyPlan:
+    """What to do with the rows of a COPY … TO STDOUT (one CopyData message per row).
+
+    ``rows`` rewrites cells by column ordinal as for DataRows (text-format values);
+    ``format`` is "text", "csv" or "binary"; with ``header`` the first row is column names.
+    """
+
+    rows: RowPlan = PASS_ROWS
+    format: str = "text"
+    header: bool = False
+
+
+PASS_COPY = CopyPlan()
+
+
 class ResultPolicy(Protocol):
     """Decides how the results of one admitted statement are treated."""
 
     def plan(self, fields: Sequence[FieldInfo], index: int = 0) -> RowPlan:
         """Called for each result's RowDescription. ``index`` is the position of the statement
         inside a multi-statement simple Query (0 for the first, and always 0 for Parse)."""
+        ...
+
+    def copy_plan(self, index: int = 0) -> CopyPlan:
+        """Called at CopyOutResponse: how the COPY rows of statement ``index`` are treated."""
         ...
 
     @property

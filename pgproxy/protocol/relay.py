@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pgproxy.policy.seam import (
     PASS_ROWS,
     Action,
+    CopyPlan,
     FieldInfo,
     RowPlan,
     SessionPolicy,
@@ -36,6 +37,7 @@ from pgproxy.policy.seam import (
 )
 from pgproxy.protocol import codes
 from pgproxy.protocol import messages as m
+from pgproxy.protocol.copyrows import rewrite_row
 from pgproxy.protocol.errors import PeerProtocolError
 from pgproxy.protocol.framing import FrameBuffer
 
@@ -151,7 +153,12 @@ class _Pending:
     index: int = 0
     rows: int = 0
     masked: int = 0
+    #: format code of each result column (0 text, 1 binary), told to cell rewriters
+    formats: tuple[int, ...] = ()
     sqlstate: str = ""
+    #: COPY TO STDOUT rows are rewritten by this plan; ``copy_header`` skips one header row
+    copy: CopyPlan | None = None
+    copy_header: bool = False
     #: a result was cut short by policy: drop the rest of this request's output
     stopped: bool = False
     finished: bool = False
@@ -182,19 +189,26 @@ def _field_info(f: m.Field, fmt: int) -> FieldInfo:
 def split_row(body: bytes | memoryview) -> list[bytes | None]:
     """The column values of a DataRow body."""
     buf = bytes(body)
+    size = len(buf)
+    if size < 2:
+        raise PeerProtocolError("DataRow is shorter than its fields")
     (n,) = _I16.unpack_from(buf, 0)
     pos = 2
     out: list[bytes | None] = []
     unpack = _I32.unpack_from
     for _ in range(n):
+        if pos + 4 > size:
+            raise PeerProtocolError("DataRow is shorter than its fields")
         (length,) = unpack(buf, pos)
         pos += 4
-        if length < 0:
+        if length == -1:
             out.append(None)
+        elif length < 0 or pos + length > size:
+            raise PeerProtocolError("DataRow has an invalid value length")
         else:
             out.append(buf[pos : pos + length])
             pos += length
-    if pos != len(buf):
+    if pos != size:
         raise PeerProtocolError("DataRow has trailing bytes")
     return out
 
@@ -523,7 +537,15 @@ class Relay:
                 if head is not None:
                     head.rows += 1
                     plan = head.plan
-                    if plan is None and head.kind == _EXECUTE:
+                    if tag == T_COPY_DATA:
+                        if head.copy is not None:
+                            if run_start >= 0:
+                                out += chunk[run_start:start]
+                                run_start = -1
+                            self._rewrite_copy(head, head.copy, chunk, start, end)
+                            continue
+                        plan = None
+                    elif plan is None and head.kind == _EXECUTE:
                         plan = head.plan = self._execute_plan(head)
                     if plan is not None and tag == T_DATA_ROW and (plan.rewriters or plan.block):
                         if run_start >= 0:
@@ -606,13 +628,9 @@ class Relay:
                 p.portal.fields = ()
             elif p.statement is not None:
                 p.statement.fields = ()
-        elif tag == T_PARAM_DESC or tag in (
-            T_COPY_OUT,
-            T_COPY_IN,
-            T_COPY_BOTH,
-            T_COPY_DONE,
-            T_FUNC_RESULT,
-        ):
+        elif tag == T_COPY_OUT:
+            self._on_copy_out(raw, head)
+        elif tag in (T_PARAM_DESC, T_COPY_IN, T_COPY_BOTH, T_COPY_DONE, T_FUNC_RESULT):
             out += raw
         elif tag in (T_AUTH, T_KEY):
             raise PeerProtocolError("authentication message from the server after startup")
@@ -652,6 +670,7 @@ class Relay:
                 head.verdict, [_field_info(f, f.format) for f in rd.fields], head.index
             )
             head.plan = plan
+            head.formats = tuple(f.format for f in rd.fields)
             if plan.block:
                 self._stop(head, _plan_error(plan.block))
                 return
@@ -676,7 +695,43 @@ class Relay:
             return RowPlan(block="result withheld: row description unknown")
         bind = portal.bind
         infos = [_field_info(f, bind.result_format(i)) for i, f in enumerate(fields)]
+        head.formats = tuple(i.format for i in infos)
         return self._plan(verdict, infos, 0)
+
+    def _on_copy_out(self, raw: bytes, head: _Pending) -> None:
+        verdict = head.verdict
+        if verdict is not None and verdict.result is not None:
+            try:
+                cp = verdict.result.copy_plan(head.index)
+            except Exception:
+                cp = CopyPlan(RowPlan(block="result withheld: internal policy error"))
+            binary = raw[5] == 1
+            if cp.rows.block or (binary and cp.rows.rewriters):
+                self._stop(head, _plan_error(cp.rows.block or "binary COPY cannot be masked"))
+                return
+            if cp.rows.rewriters:
+                head.copy = cp
+                head.copy_header = cp.header
+        self.to_client += raw
+
+    def _rewrite_copy(
+        self, head: _Pending, cp: CopyPlan, chunk: bytes, start: int, end: int
+    ) -> None:
+        limit = head.verdict.result.max_rows if head.verdict and head.verdict.result else None
+        if limit is not None and head.rows > limit:
+            self._stop(head, _row_limit_error(limit))
+            return
+        if head.copy_header:
+            head.copy_header = False
+            self.to_client += chunk[start:end]
+            return
+        try:
+            new, n = rewrite_row(chunk[start + 5 : end], cp.format, cp.rows.rewriters)
+        except (ValueError, UnicodeDecodeError):
+            self._stop(head, _plan_error("a COPY row could not be parsed for masking"))
+            return
+        head.masked += n
+        self.to_client += m.CopyData(new).encode()
 
     def _rewrite_row(
         self, head: _Pending, plan: RowPlan, chunk: bytes, start: int, end: int
@@ -692,7 +747,8 @@ class Relay:
         for ordinal, rewrite in plan.rewriters.items():
             if ordinal < len(values):
                 try:
-                    values[ordinal] = rewrite(values[ordinal], 0)
+                    fmt = head.formats[ordinal] if ordinal < len(head.formats) else 0
+                    values[ordinal] = rewrite(values[ordinal], fmt)
                 except Exception:
                     values[ordinal] = None  # fail closed: the cell becomes NULL
                 head.masked += 1

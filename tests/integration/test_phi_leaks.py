@@ -18,7 +18,9 @@ import asyncpg
 import psycopg
 import pytest
 
+from pgproxy.protocol.relay import HoldRequested
 from pgproxy.rules import load_rules
+from pgproxy.server.holds import HoldContext, HoldOutcome
 from pgproxy.server.policy_hub import PolicyHub
 from pgproxy.server.proxy import Proxy, ProxyConfig
 from pgproxy.server.upstream import parse_dsn
@@ -264,3 +266,64 @@ def test_blocked_statement_in_transaction_aborts_it(hop: CaptureHop) -> None:
             conn.execute("SELECT 1")
         conn.rollback()
         assert conn.execute("SELECT 7").fetchone() == (7,)
+
+
+class _ApproveEverything:
+    """A reviewer who approves every hold at once: what is left to protect is the masking."""
+
+    async def hold(self, ctx: HoldContext, held: HoldRequested) -> HoldOutcome:
+        return HoldOutcome(True, "", "test-approval")
+
+    async def executed(self, approval_id: str, rows: int, sqlstate: str) -> None:
+        return None
+
+
+@pytest.fixture(scope="module")
+def approving_proxy(phi_db: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyThread]:
+    rules_dir: Path = tmp_path_factory.mktemp("phi-rules-approve")
+    (rules_dir / "rules.yaml").write_text(RULES)
+    rules = load_rules(rules_dir)
+    hub = PolicyHub(rules, phi_db)
+    proxy = Proxy(
+        ProxyConfig(upstream=parse_dsn(phi_db), port=0),
+        rules,
+        policy_factory=hub.session_policy,
+        holds=_ApproveEverything(),
+    )
+    thread = ProxyThread(proxy)
+    assert asyncio.run_coroutine_threadsafe(hub.refresh(), thread.loop).result(30)
+    try:
+        yield thread
+    finally:
+        thread.stop()
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "COPY (SELECT id, ssn, dob, first_name FROM patients ORDER BY id) TO STDOUT",
+        "COPY patients TO STDOUT WITH (FORMAT csv, HEADER)",
+        "COPY (SELECT id, upper(last_name) FROM patients) TO STDOUT (FORMAT csv)",
+    ],
+)
+def test_approved_copy_out_is_still_masked(approving_proxy: ProxyThread, sql: str) -> None:
+    with CaptureHop(approving_proxy.host, approving_proxy.port) as hop:
+        with psycopg.connect(dsn_for(hop)) as conn, conn.cursor() as cur, cur.copy(sql) as copy:
+            data = b"".join(bytes(chunk) for chunk in copy)
+        assert data.count(b"\n") >= 2  # the rows did arrive
+        assert_no_phi(hop.snapshot())
+    if "dob" in sql:
+        assert b"1961-01-01" in data  # dates kept to the year, in the column's type
+
+
+def test_binary_copy_of_tagged_data_is_blocked(approving_proxy: ProxyThread) -> None:
+    with CaptureHop(approving_proxy.host, approving_proxy.port) as hop:
+        with (
+            psycopg.connect(dsn_for(hop)) as conn,
+            conn.cursor() as cur,
+            pytest.raises(psycopg.errors.InsufficientPrivilege),
+            cur.copy("COPY patients TO STDOUT (FORMAT binary)") as copy,
+        ):
+            for _ in copy:
+                pass
+        assert_no_phi(hop.snapshot())
