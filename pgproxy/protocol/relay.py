@@ -23,13 +23,14 @@ import itertools
 import struct
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from pgproxy.policy.seam import (
     PASS_ROWS,
     Action,
     CopyPlan,
     FieldInfo,
+    ResultPolicy,
     RowPlan,
     SessionPolicy,
     StatementContext,
@@ -100,6 +101,9 @@ class HoldRequested:
     sql: str
     params: tuple[bytes | None, ...]
     verdict: Verdict
+    #: not an approval yet: the session should ask the planner how many rows this returns,
+    #: then ``release(True, run_as_decided=True)`` or escalate to a bulk-export approval
+    estimate: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +145,8 @@ class _Pending:
     kind: int
     verdict: Verdict | None = None
     statement_id: int = 0
+    #: the statement text (QUERY and EXECUTE), to recognise a retry after a row-limit stop
+    sql: str = ""
     #: our error to send in place of the server's (the request was a substitute)
     replace_error: bytes | None = None
     #: responses are for pgproxy's own bookkeeping and must not reach the client
@@ -245,6 +251,12 @@ class Relay:
         #: the client must not see the server's answers again before the next Sync
         self._client_skip_to_sync = False
         self._in_copy_in = False
+        #: ask for a planner estimate before running row-limited simple queries
+        self.estimate_bulk = False
+        #: statements whose result was stopped at the row limit: running one again asks
+        self._over_limit: set[str] = set()
+        #: statements the planner estimated under the limit (bounded)
+        self._estimated: dict[str, None] = {}
 
     # ----------------------------------------------------------------------- client side
 
@@ -344,13 +356,32 @@ class Relay:
         self.events.append(StatementAdmitted(sid, sql, verdict, origin))
         return sid
 
+    def _bulk(self, sql: str, verdict: Verdict) -> Verdict:
+        """A row-limited statement stopped at the limit before now is a bulk-export request."""
+        if sql in self._over_limit and verdict.admits and _row_limit(verdict) is not None:
+            self._over_limit.discard(sql)
+            return replace(
+                verdict,
+                action=Action.HOLD,
+                hold_class="bulk_export",
+                reasons=(*verdict.reasons, "its result passed the bulk-export row limit before"),
+            )
+        return verdict
+
     def _on_query(self, chunk: bytes, start: int, end: int) -> bool:
         sql = m.Query.decode(memoryview(chunk)[start + 5 : end]).sql
-        verdict = self._decide(sql, self._ctx("query"))
+        verdict = self._bulk(sql, self._decide(sql, self._ctx("query")))
         sid = self._admit(sql, verdict, "query")
-        if verdict.action is Action.HOLD:
+        estimate = (
+            self.estimate_bulk
+            and verdict.admits
+            and verdict.statement_class == "select"
+            and _row_limit(verdict) is not None
+            and sql not in self._estimated
+        )
+        if verdict.action is Action.HOLD or estimate:
             self._held = _Held(chunk[start:end], F_QUERY, sid, verdict, None)
-            self.events.append(HoldRequested(sid, sql, (), verdict))
+            self.events.append(HoldRequested(sid, sql, (), verdict, estimate=estimate))
             return False
         self._send_query(chunk[start:end], sid, verdict)
         return True
@@ -358,7 +389,8 @@ class Relay:
     def _send_query(self, raw: bytes, sid: int, verdict: Verdict) -> None:
         if verdict.admits:
             self.to_server += raw
-            self._pending.append(_Pending(_QUERY, verdict, sid))
+            sql = m.Query.decode(memoryview(raw)[5:]).sql if _row_limit(verdict) else ""
+            self._pending.append(_Pending(_QUERY, verdict, sid, sql=sql))
         else:
             self.to_server += m.Query(BLOCKED_SQL).encode()
             self._pending.append(
@@ -409,7 +441,7 @@ class Relay:
             self.to_server += chunk[start:end]
             self._pending.append(_Pending(_EXECUTE))
             return True
-        verdict = stmt.verdict
+        verdict = self._bulk(stmt.sql, stmt.verdict)
         sid = self._admit(stmt.sql, verdict, "execute")
         if verdict.action is Action.HOLD:
             self._held = _Held(chunk[start:end], F_EXECUTE, sid, verdict, portal)
@@ -436,7 +468,8 @@ class Relay:
             )
             portal.described = True
         self.to_server += raw
-        self._pending.append(_Pending(_EXECUTE, verdict, sid, portal=portal))
+        sql = portal.statement.sql if portal.statement is not None else ""
+        self._pending.append(_Pending(_EXECUTE, verdict, sid, portal=portal, sql=sql))
 
     def _on_function(self, chunk: bytes, start: int, end: int) -> None:
         msg = m.FunctionCall.decode(memoryview(chunk)[start + 5 : end])
@@ -462,19 +495,33 @@ class Relay:
                 _Pending(_FUNCTION, verdict, sid, replace_error=_policy_error(verdict))
             )
 
-    def release(self, approved: bool, message: str = "") -> None:
-        """Resume after a hold: run the held statement once, or fail it with ``message``."""
+    def release(
+        self, approved: bool, message: str = "", *, run_as_decided: bool = False, bulk: bool = False
+    ) -> None:
+        """Resume after a hold: run the held statement once, or fail it with ``message``.
+
+        ``run_as_decided``: the hold was only for a row estimate, which was under the limit.
+        ``bulk``: a reviewer approved it as a bulk export, so the row limit no longer applies.
+        """
         held = self._held
         if held is None:
             return
         self._held = None
         verdict = held.verdict
-        if approved:
+        result = verdict.result
+        if (bulk or verdict.hold_class == "bulk_export") and result is not None:
+            result = _Unlimited(result)
+        if approved and run_as_decided:
+            if len(self._estimated) >= 256:
+                self._estimated.pop(next(iter(self._estimated)))
+            self._estimated[_held_sql(held)] = None
+            admitted = verdict
+        elif approved:
             admitted = Verdict(
                 Action.ALLOW if verdict.result is None else Action.MASK,
                 (*verdict.reasons, "approved"),
                 verdict.statement_class,
-                result=verdict.result,
+                result=result,
                 fingerprint=verdict.fingerprint,
                 sql_redacted=verdict.sql_redacted,
                 relations=verdict.relations,
@@ -559,7 +606,7 @@ class Relay:
                             if run_start >= 0:
                                 out += chunk[run_start:start]
                                 run_start = -1
-                            self._stop(head, _row_limit_error(limit))
+                            self._stop(head, _row_limit_error(limit), over_limit=True)
                             continue
                 if run_start < 0:
                     run_start = start
@@ -719,7 +766,7 @@ class Relay:
     ) -> None:
         limit = head.verdict.result.max_rows if head.verdict and head.verdict.result else None
         if limit is not None and head.rows > limit:
-            self._stop(head, _row_limit_error(limit))
+            self._stop(head, _row_limit_error(limit), over_limit=True)
             return
         if head.copy_header:
             head.copy_header = False
@@ -741,7 +788,7 @@ class Relay:
             return
         limit = head.verdict.result.max_rows if head.verdict and head.verdict.result else None
         if limit is not None and head.rows > limit:
-            self._stop(head, _row_limit_error(limit))
+            self._stop(head, _row_limit_error(limit), over_limit=True)
             return
         values = split_row(memoryview(chunk)[start + 5 : end])
         for ordinal, rewrite in plan.rewriters.items():
@@ -754,8 +801,10 @@ class Relay:
                 head.masked += 1
         self.to_client += m.encode_data_row(values)
 
-    def _stop(self, head: _Pending, error: bytes) -> None:
+    def _stop(self, head: _Pending, error: bytes, *, over_limit: bool = False) -> None:
         """Cut a result short with ``error``; drop what remains of it."""
+        if over_limit and head.sql:
+            self._over_limit.add(head.sql)
         head.stopped = True
         head.sqlstate = codes.INSUFFICIENT_PRIVILEGE
         self.to_client += error
@@ -846,6 +895,37 @@ class Relay:
         )
         self.events.append(ProtocolViolation(message, by_client))
         self.closed = True
+
+
+def _row_limit(verdict: Verdict) -> int | None:
+    return verdict.result.max_rows if verdict.result is not None else None
+
+
+def _held_sql(held: _Held) -> str:
+    if held.tag == F_QUERY:
+        return m.Query.decode(memoryview(held.frame_bytes)[5:]).sql
+    return held.portal.statement.sql if held.portal and held.portal.statement else ""
+
+
+class _Unlimited:
+    """A result policy whose row limit a reviewer lifted (an approved bulk export)."""
+
+    def __init__(self, inner: ResultPolicy) -> None:
+        self._inner = inner
+
+    def plan(self, fields: Sequence[FieldInfo], index: int = 0) -> RowPlan:
+        return self._inner.plan(fields, index)
+
+    def copy_plan(self, index: int = 0) -> CopyPlan:
+        return self._inner.copy_plan(index)
+
+    @property
+    def scrub_diagnostics(self) -> bool:
+        return self._inner.scrub_diagnostics
+
+    @property
+    def max_rows(self) -> int | None:
+        return None
 
 
 def _policy_error(verdict: Verdict) -> bytes:

@@ -42,6 +42,8 @@ class HoldContext:
     statement_id: str
     #: sends a NoticeResponse with this text to the agent now
     notice: Callable[[str], None]
+    #: the planner's row estimate, when one was asked for
+    estimated_rows: int | None = None
 
 
 class HoldHandler(Protocol):
@@ -82,7 +84,7 @@ class ApprovalHolds:
             hold_class=v.hold_class or "unknown",
             reasons=v.reasons,
             relations=v.relations,
-            estimated_rows=None,
+            estimated_rows=ctx.estimated_rows,
             masking=tuple(f"{m.column}: {m.tag} → {m.operator}" for m in v.masks),
         )
 

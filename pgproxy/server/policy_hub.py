@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import weakref
 
@@ -57,6 +58,8 @@ class PolicyHub:
         self._engines: weakref.WeakSet[PolicyEngine] = weakref.WeakSet()
         self._lock = asyncio.Lock()
         self._refresh_task: asyncio.Task[bool] | None = None
+        self._estimate_conn: asyncpg.Connection | None = None
+        self._estimate_lock = asyncio.Lock()
 
     async def refresh(self) -> bool:
         """Read the catalog again; True if it worked."""
@@ -78,6 +81,24 @@ class PolicyHub:
             for engine in list(self._engines):
                 engine.catalog = catalog
             return True
+
+    async def estimate_rows(self, sql: str) -> int | None:
+        """The planner's row estimate for ``sql`` (EXPLAIN on the control connection)."""
+        async with self._estimate_lock:
+            conn = self._estimate_conn
+            if conn is None or conn.is_closed():
+                conn = self._estimate_conn = await asyncpg.connect(self.upstream_dsn, timeout=10)
+            try:
+                plan = await conn.fetchval("EXPLAIN (FORMAT JSON) " + sql, timeout=5)
+            except asyncpg.PostgresError:
+                return None
+        doc = json.loads(plan) if isinstance(plan, str) else plan
+        return int(doc[0]["Plan"]["Plan Rows"])
+
+    async def close(self) -> None:
+        if self._estimate_conn is not None:
+            with contextlib.suppress(Exception):
+                await self._estimate_conn.close()
 
     def schedule_refresh(self) -> None:
         """Refresh soon, coalescing bursts of DDL into one read."""

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import ssl
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from pgproxy.audit.records import AuditSink, MemorySink
@@ -75,6 +75,8 @@ class Proxy:
         self.metrics = Metrics()
         #: runs analyst queries for the ``audit`` database over the wire (None: not offered)
         self.audit_query: AuditQuery | None = None
+        #: the planner's row estimate for a SELECT (None: no early bulk-export check)
+        self.estimate: Callable[[str], Awaitable[int | None]] | None = None
         #: called after a DDL statement completed through the proxy (the catalog changed)
         self.after_ddl: Callable[[], None] = lambda: None
         self.sessions: dict[tuple[int, int], ClientSession] = {}

@@ -135,6 +135,7 @@ async def build(settings: Settings) -> Runtime:
     proxy = Proxy(config, rules, audit=sink, policy_factory=hub.session_policy)
     proxy.holds = ApprovalHolds(approvals, lambda: proxy.rules)
     proxy.after_ddl = hub.schedule_refresh
+    proxy.estimate = hub.estimate_rows
     proxy.audit_query = _audit_query(sink)
     await sink.emit(PolicyEvent(datetime.now(UTC), "loaded", f"{len(rules.agents)} agents"))
     return Runtime(settings, rules, proxy, sink, hub, approvals)
@@ -208,5 +209,6 @@ async def run(
     if export_task is not None:
         export_task.cancel()
     await runtime.approvals.close()
+    await runtime.hub.close()
     await sink.close(timeout=30)
     return 0

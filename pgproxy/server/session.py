@@ -341,6 +341,7 @@ class ClientSession:
             database=self.info.database,
             max_message_size=self.proxy.config.max_message_size,
         )
+        self.relay.estimate_bulk = self.proxy.estimate is not None
         client_task = asyncio.create_task(self._pump_client())
         server_task = asyncio.create_task(self._pump_server())
         done, pending = await asyncio.wait(
@@ -483,12 +484,31 @@ class ClientSession:
     async def _hold(self, ev: HoldRequested) -> HoldOutcome:
         relay = self.relay
         assert relay is not None and self.upstream is not None
+        estimated: int | None = None
+        if ev.estimate:
+            limit = ev.verdict.result.max_rows if ev.verdict.result is not None else None
+            estimated = await self._estimate(ev.sql)
+            if estimated is None or limit is None or estimated <= limit:
+                relay.release(True, run_as_decided=True)
+                await self._flush_after_release()
+                return HoldOutcome(True, "")
+            ev = dataclasses.replace(
+                ev,
+                estimate=False,
+                verdict=dataclasses.replace(
+                    ev.verdict,
+                    action=Action.HOLD,
+                    hold_class="bulk_export",
+                    reasons=(*ev.verdict.reasons, f"the planner estimates {estimated} rows"),
+                ),
+            )
         ctx = HoldContext(
             agent=self.info.agent,
             database=self.info.database,
             session_id=self.info.session_id,
             statement_id=self._stmt_ids.get(ev.statement_id, ""),
             notice=self._notice,
+            estimated_rows=estimated,
         )
         self.proxy.metrics.pending_holds += 1
         try:
@@ -504,12 +524,28 @@ class ClientSession:
             self.proxy.metrics.pending_holds -= 1
         if outcome.approved and outcome.approval_id:
             self._approvals[ev.statement_id] = outcome.approval_id
-        relay.release(outcome.approved, outcome.message)
+        relay.release(
+            outcome.approved, outcome.message, bulk=ev.verdict.hold_class == "bulk_export"
+        )
+        await self._flush_after_release()
+        return outcome
+
+    async def _estimate(self, sql: str) -> int | None:
+        estimate = self.proxy.estimate
+        if estimate is None:
+            return None
+        try:
+            return await estimate(sql)
+        except Exception:
+            return None  # the row limit at run time still applies
+
+    async def _flush_after_release(self) -> None:
+        relay = self.relay
+        assert relay is not None and self.upstream is not None
         await self._after_feed()
         if relay.to_server:
             self.upstream.writer.write(bytes(relay.to_server))
             relay.to_server.clear()
-        return outcome
 
     def _notice(self, text: str) -> None:
         with contextlib.suppress(Exception):
