@@ -165,6 +165,11 @@ class DuckDBSink:
     # --- state the server may read ---------------------------------------------------------
 
     @property
+    def queue_depth(self) -> int:
+        """Records waiting for the writer."""
+        return self._queue.qsize() if self._queue is not None else 0
+
+    @property
     def degraded(self) -> bool:
         """True while writes fail; ``emit_durable`` raises ``AuditUnavailable`` meanwhile."""
         return self._degraded

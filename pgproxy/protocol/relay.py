@@ -22,7 +22,7 @@ from __future__ import annotations
 import itertools
 import struct
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 from pgproxy.policy.seam import (
@@ -82,6 +82,8 @@ class StatementAdmitted:
     sql: str
     verdict: Verdict
     origin: str
+    #: seconds the policy took to decide (0 when the relay was given no clock)
+    decision_seconds: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,8 +231,11 @@ class Relay:
         agent: str,
         database: str,
         max_message_size: int = 1 << 30,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         self.policy = policy
+        self._clock = clock
+        self._decided_in = 0.0
         self.agent = agent
         self.database = database
         self.to_client = bytearray()
@@ -339,8 +344,13 @@ class Relay:
         return StatementContext(self.agent, self.database, origin, name, types)
 
     def _decide(self, sql: str, ctx: StatementContext) -> Verdict:
+        clock = self._clock
+        t0 = clock() if clock is not None else 0.0
         try:
-            return self.policy.statement(sql, ctx)
+            verdict = self.policy.statement(sql, ctx)
+            if clock is not None:
+                self._decided_in = clock() - t0
+            return verdict
         except Exception:  # fail closed: a policy crash is a block
             return Verdict(
                 Action.BLOCK,
@@ -353,7 +363,8 @@ class Relay:
         self.stats.statements += 1
         key = verdict.action.value
         self.stats.counts[key] = self.stats.counts.get(key, 0) + 1
-        self.events.append(StatementAdmitted(sid, sql, verdict, origin))
+        self.events.append(StatementAdmitted(sid, sql, verdict, origin, self._decided_in))
+        self._decided_in = 0.0
         return sid
 
     def _bulk(self, sql: str, verdict: Verdict) -> Verdict:

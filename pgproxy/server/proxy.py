@@ -12,7 +12,7 @@ import contextlib
 import logging
 import ssl
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from pgproxy.audit.records import AuditSink, MemorySink
 from pgproxy.rules import Rules
@@ -20,6 +20,7 @@ from pgproxy.server import upstream as up
 from pgproxy.server.audit_wire import AuditQuery
 from pgproxy.server.credentials import CredentialStore
 from pgproxy.server.holds import DenyHolds, HoldHandler
+from pgproxy.server.metrics import Metrics
 from pgproxy.server.session import (
     ClientSession,
     PolicyFactory,
@@ -39,19 +40,6 @@ class ProxyConfig:
     max_message_size: int = 1 << 30
     startup_timeout: float = 30.0
     max_connections: int = 1000
-
-
-@dataclass
-class Metrics:
-    connections_total: int = 0
-    connections_active: int = 0
-    auth_failures: int = 0
-    pending_holds: int = 0
-    masked_cells: int = 0
-    statements: dict[str, int] = field(default_factory=dict)
-
-    def count_statement(self, decision: str) -> None:
-        self.statements[decision] = self.statements.get(decision, 0) + 1
 
 
 class Proxy:

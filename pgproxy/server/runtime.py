@@ -172,6 +172,7 @@ async def run(
         extra_metrics=lambda: {
             "pgproxy_audit_degraded": float(sink.degraded),
             "pgproxy_audit_rows_written_total": float(sink.rows_written),
+            "pgproxy_audit_queue_depth": float(sink.queue_depth),
         },
     )
     app.add_routes(audit_routes(sink))

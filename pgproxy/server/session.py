@@ -16,6 +16,7 @@ import dataclasses
 import logging
 import secrets
 import ssl
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -217,6 +218,7 @@ class ClientSession:
         identity = store.get(user)
         ok = await self._password_exchange(store, user)
         if not ok or identity is None:
+            self.proxy.metrics.auth_failures += 1
             reason = "unknown user" if identity is None else "wrong password"
             await self._audit_auth(reason)
             await self._fatal(
@@ -340,6 +342,7 @@ class ClientSession:
             agent=self.info.agent,
             database=self.info.database,
             max_message_size=self.proxy.config.max_message_size,
+            clock=time.perf_counter,
         )
         self.relay.estimate_bulk = self.proxy.estimate is not None
         client_task = asyncio.create_task(self._pump_client())
@@ -420,6 +423,7 @@ class ClientSession:
             self._stmt_started[ev.statement_id] = now
             self._stmt_ids[ev.statement_id] = uuid.uuid4().hex
             self.proxy.metrics.count_statement(ev.verdict.action.value)
+            self.proxy.metrics.decision_seconds.observe(ev.decision_seconds)
             if ev.verdict.action is Action.BLOCK:
                 # a block is on disk before the agent can learn of it
                 record = self._record(ev.statement_id, ev.verdict, now, now, 0, "42501")
@@ -432,6 +436,7 @@ class ClientSession:
             started = self._stmt_started.pop(ev.statement_id, now)
             v = ev.verdict
             self.proxy.metrics.masked_cells += ev.masked_cells
+            self.proxy.metrics.query_seconds.observe((now - started).total_seconds())
             if v.admits and not ev.sqlstate and "ddl" in (v.statement_class, v.hold_class):
                 self.proxy.after_ddl()
             if ev.statement_id in self._recorded:
