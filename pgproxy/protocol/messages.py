@@ -326,7 +326,8 @@ class FunctionCall(Message):
     result_format: int = 0
 
     def body(self) -> bytes:
-        out = [_I32.pack(self.function_oid), _I16.pack(len(self.arg_formats))]
+        oid = self.function_oid
+        out = [_I32.pack(oid - 2**32 if oid >= 2**31 else oid), _I16.pack(len(self.arg_formats))]
         out += [_I16.pack(f) for f in self.arg_formats]
         out.append(_I16.pack(len(self.args)))
         out += [_value(a) for a in self.args]

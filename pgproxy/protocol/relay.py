@@ -587,7 +587,9 @@ class Relay:
         for tag, start, end in frames:
             head = pending[0] if pending else None
             if tag in (T_DATA_ROW, T_COPY_DATA):
-                if head is not None and (head.stopped or head.internal):
+                if head is None:  # rows nobody asked for must not pass unchecked
+                    raise PeerProtocolError(f"unsolicited message {chr(tag)!r} from the server")
+                if head.stopped or head.internal:
                     if run_start >= 0:
                         out += chunk[run_start:start]
                         run_start = -1

@@ -96,6 +96,11 @@ class PolicyHub:
         return int(doc[0]["Plan"]["Plan Rows"])
 
     async def close(self) -> None:
+        """Finish a catalog read in flight and close the control connection."""
+        task = self._refresh_task
+        if task is not None and not task.done():
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(task, 10)
         if self._estimate_conn is not None:
             with contextlib.suppress(Exception):
                 await self._estimate_conn.close()

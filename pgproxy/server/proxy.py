@@ -65,6 +65,8 @@ class Proxy:
         self.audit_query: AuditQuery | None = None
         #: the planner's row estimate for a SELECT (None: no early bulk-export check)
         self.estimate: Callable[[str], Awaitable[int | None]] | None = None
+        #: awaited at the end of ``stop()`` (the policy hub's control connection, …)
+        self.closers: list[Callable[[], Awaitable[None]]] = []
         #: called after a DDL statement completed through the proxy (the catalog changed)
         self.after_ddl: Callable[[], None] = lambda: None
         self.sessions: dict[tuple[int, int], ClientSession] = {}
@@ -143,3 +145,6 @@ class Proxy:
                     await t
         if self._server is not None:
             await self._server.wait_closed()
+        for close in self.closers:
+            with contextlib.suppress(Exception):
+                await close()

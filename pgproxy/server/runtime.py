@@ -136,6 +136,7 @@ async def build(settings: Settings) -> Runtime:
     proxy.holds = ApprovalHolds(approvals, lambda: proxy.rules)
     proxy.after_ddl = hub.schedule_refresh
     proxy.estimate = hub.estimate_rows
+    proxy.closers.append(hub.close)
     proxy.audit_query = _audit_query(sink)
     await sink.emit(PolicyEvent(datetime.now(UTC), "loaded", f"{len(rules.agents)} agents"))
     return Runtime(settings, rules, proxy, sink, hub, approvals)
@@ -210,6 +211,5 @@ async def run(
     if export_task is not None:
         export_task.cancel()
     await runtime.approvals.close()
-    await runtime.hub.close()
     await sink.close(timeout=30)
     return 0

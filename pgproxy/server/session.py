@@ -391,16 +391,17 @@ class ClientSession:
         up_reader = self.upstream.reader
         writer = self.writer
         while True:
-            data = await up_reader.read(READ_SIZE)
+            try:
+                data = await up_reader.read(READ_SIZE)
+            except OSError:  # reset or TLS failure: lost, just as an orderly close is
+                data = b""
             if not data:
                 await self._fatal(codes.CONNECTION_FAILURE, "the database connection was lost")
                 return
             relay.server_data(data)
-            await self._after_feed()
-            if relay.to_client:
-                writer.write(bytes(relay.to_client))
-                relay.to_client.clear()
-                await writer.drain()
+            await self._after_feed()  # this writes what the relay queued for the client
+            # backpressure: read no more from Postgres while the agent is not keeping up
+            await writer.drain()
             if relay.closed:
                 return
 

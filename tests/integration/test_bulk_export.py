@@ -80,6 +80,7 @@ def _proxy(dsn: str, root: Path, reviewer: Reviewer, estimates: bool) -> ProxyTh
     )
     if estimates:
         proxy.estimate = hub.estimate_rows
+    proxy.closers.append(hub.close)
     thread = ProxyThread(proxy)
     assert asyncio.run_coroutine_threadsafe(hub.refresh(), thread.loop).result(30)
     return thread

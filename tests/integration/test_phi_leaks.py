@@ -96,6 +96,7 @@ def policy_proxy(phi_db: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
         policy_factory=hub.session_policy,
     )
     proxy.after_ddl = hub.schedule_refresh
+    proxy.closers.append(hub.close)
     thread = ProxyThread(proxy)
     assert asyncio.run_coroutine_threadsafe(hub.refresh(), thread.loop).result(30)
     try:
