@@ -32,7 +32,7 @@ from pgproxy.policy.classify import Classified, ClassifyError, StatementClass, c
 from pgproxy.policy.functions import DENIED_RELATIONS, FunctionVerdict, is_denied, judge_builtin
 from pgproxy.policy.lineage import LineageError, StatementLineage, analyze
 from pgproxy.policy.operators import MaskCatalog
-from pgproxy.policy.redact import fingerprint, redact
+from pgproxy.policy.redact import UNPARSEABLE, fingerprint, redact
 from pgproxy.policy.seam import (
     PASS_COPY,
     PASS_ROWS,
@@ -280,6 +280,15 @@ class StatementResults:
         return PASS_ROWS
 
 
+def _shape(sql: str) -> str | None:
+    """The statement with every literal replaced by a placeholder (None if it will not scan)."""
+    try:
+        shape = redact(sql)
+    except Exception:
+        return None
+    return None if shape == UNPARSEABLE else shape
+
+
 def _copy_options(node: Any) -> tuple[str, bool, str]:
     """(format, header, first option the COPY masker does not handle or "")."""
     fmt, header, other = "text", False, ""
@@ -385,6 +394,7 @@ class PolicyEngine:
         self.hold = frozenset(rules.approvals.hold)
         self._cache: OrderedDict[tuple[str, tuple[str, ...], str, str], Verdict] = OrderedDict()
         self._cache_size = cache_size
+        self._shapes: dict[tuple[str, tuple[str, ...], str, str], Verdict] = {}
         self._prepared: dict[str, Verdict] = {}
         self._cursors: dict[str, Verdict] = {}
 
@@ -396,6 +406,15 @@ class PolicyEngine:
         if hit is not None:
             self._cache.move_to_end(key)
             return hit
+        # Statements that differ only in their literals get the same decision: nothing here
+        # depends on a literal's value (COPY options are the exception, so COPY is not shared).
+        shape = _shape(sql)
+        shape_key = (shape or "", self.search_path, self.catalog.version, self.agent)
+        if shape is not None:
+            hit = self._shapes.get(shape_key)
+            if hit is not None:
+                self._remember(key, hit)
+                return hit
         try:
             verdict, cacheable = self._decide_text(sql)
         except Exception:
@@ -407,10 +426,17 @@ class PolicyEngine:
                 fingerprint=_safe_fingerprint(sql),
             )
         if cacheable:
-            self._cache[key] = verdict
-            if len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
+            self._remember(key, verdict)
+            if shape is not None and "copy" not in verdict.statement_class:
+                self._shapes[shape_key] = verdict
+                if len(self._shapes) > self._cache_size:
+                    self._shapes.pop(next(iter(self._shapes)))
         return verdict
+
+    def _remember(self, key: tuple[str, tuple[str, ...], str, str], verdict: Verdict) -> None:
+        self._cache[key] = verdict
+        if len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
 
     def function_call(self, function_oid: int, ctx: StatementContext) -> Verdict:
         fn = self.catalog.function_by_oid(function_oid)

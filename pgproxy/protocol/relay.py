@@ -132,14 +132,35 @@ class _Statement:
     sql: str
     verdict: Verdict
     fields: tuple[m.Field, ...] | None = None
+    #: a RowDescription body not decoded yet (only results with a policy need the fields)
+    fields_raw: bytes | None = None
+
+    def row_fields(self) -> tuple[m.Field, ...] | None:
+        if self.fields is None and self.fields_raw is not None:
+            self.fields = m.RowDescription.decode(self.fields_raw).fields
+        return self.fields
 
 
 @dataclass(slots=True)
 class _Portal:
     statement: _Statement | None
-    bind: m.Bind
+    #: the Bind body, decoded on first use (parameters matter only to holds)
+    bind_raw: bytes
     fields: tuple[m.Field, ...] | None = None
+    fields_raw: bytes | None = None
     described: bool = False
+    _bind: m.Bind | None = None
+
+    @property
+    def bind(self) -> m.Bind:
+        if self._bind is None:
+            self._bind = m.Bind.decode(self.bind_raw)
+        return self._bind
+
+    def row_fields(self) -> tuple[m.Field, ...] | None:
+        if self.fields is None and self.fields_raw is not None:
+            self.fields = m.RowDescription.decode(self.fields_raw).fields
+        return self.fields
 
 
 @dataclass(slots=True)
@@ -427,9 +448,16 @@ class Relay:
         self._pending.append(_Pending(_PARSE, verdict, statement=stmt))
 
     def _on_bind(self, chunk: bytes, start: int, end: int) -> None:
-        bind = m.Bind.decode(memoryview(chunk)[start + 5 : end])
-        stmt = self._statements.get(bind.statement)
-        self._portals[bind.portal] = _Portal(stmt, bind)
+        body = chunk[start + 5 : end]
+        first = body.find(b"\x00")
+        second = body.find(b"\x00", first + 1)
+        if first < 0 or second < 0:
+            raise PeerProtocolError("Bind names are not NUL-terminated")
+        try:
+            portal, statement = body[:first].decode(), body[first + 1 : second].decode()
+        except UnicodeDecodeError:
+            raise PeerProtocolError("Bind names are not valid UTF-8") from None
+        self._portals[portal] = _Portal(self._statements.get(statement), body)
         self._pending.append(_Pending(_BIND))
 
     def _on_describe(self, chunk: bytes, start: int, end: int) -> None:
@@ -470,7 +498,7 @@ class Relay:
                 )
             )
             return
-        if verdict.result is not None and portal.fields is None and not portal.described:
+        if verdict.result is not None and portal.row_fields() is None and not portal.described:
             # rows need a plan and the client never asked for the row shape: ask ourselves
             name = m.Execute.decode(memoryview(raw)[5:]).portal
             self.to_server += m.Describe(b"P", name).encode()
@@ -715,15 +743,14 @@ class Relay:
             self._finish(self._pending.popleft())
 
     def _on_row_description(self, raw: bytes, body: memoryview, head: _Pending) -> None:
-        rd = m.RowDescription.decode(body)
         if head.kind == _DESCRIBE:
             self.to_client += raw
-            if head.portal is not None:
-                head.portal.fields = rd.fields
-            elif head.statement is not None:
-                head.statement.fields = rd.fields
+            target = head.portal if head.portal is not None else head.statement
+            if target is not None:
+                target.fields, target.fields_raw = None, bytes(body)
             self._finish(self._pending.popleft())
             return
+        rd = m.RowDescription.decode(body)
         # a simple-query result set starts
         if head.kind == _QUERY and head.verdict is not None and head.verdict.result is not None:
             plan = self._plan(
@@ -748,9 +775,9 @@ class Relay:
         verdict, portal = head.verdict, head.portal
         if verdict is None or verdict.result is None or portal is None:
             return PASS_ROWS
-        fields = portal.fields
+        fields = portal.row_fields()
         if fields is None and portal.statement is not None:
-            fields = portal.statement.fields
+            fields = portal.statement.row_fields()
         if fields is None:
             return RowPlan(block="result withheld: row description unknown")
         bind = portal.bind
@@ -765,7 +792,7 @@ class Relay:
                 cp = verdict.result.copy_plan(head.index)
             except Exception:
                 cp = CopyPlan(RowPlan(block="result withheld: internal policy error"))
-            binary = raw[5] == 1
+            binary = m.CopyOutResponse.decode(memoryview(raw)[5:]).overall_format == 1
             if cp.rows.block or (binary and cp.rows.rewriters):
                 self._stop(head, _plan_error(cp.rows.block or "binary COPY cannot be masked"))
                 return

@@ -96,7 +96,6 @@ class ClientSession:
     relay: Relay | None = None
     hold_task: asyncio.Task[HoldOutcome] | None = None
     _stmt_started: dict[int, datetime] = field(default_factory=dict)
-    _stmt_ids: dict[int, str] = field(default_factory=dict)
     _recorded: set[int] = field(default_factory=set)
     _approvals: dict[int, str] = field(default_factory=dict)
 
@@ -412,17 +411,16 @@ class ClientSession:
         if relay.events:
             events = relay.events[:]
             relay.events.clear()
+            now = datetime.now(UTC)
             for ev in events:
-                await self._on_event(ev)
+                await self._on_event(ev, now)
         if relay.to_client:
             self.writer.write(bytes(relay.to_client))
             relay.to_client.clear()
 
-    async def _on_event(self, ev: object) -> None:
-        now = datetime.now(UTC)
+    async def _on_event(self, ev: object, now: datetime) -> None:
         if isinstance(ev, StatementAdmitted):
             self._stmt_started[ev.statement_id] = now
-            self._stmt_ids[ev.statement_id] = uuid.uuid4().hex
             self.proxy.metrics.count_statement(ev.verdict.action.value)
             self.proxy.metrics.decision_seconds.observe(ev.decision_seconds)
             if ev.verdict.action is Action.BLOCK:
@@ -442,10 +440,8 @@ class ClientSession:
                 self.proxy.after_ddl()
             if ev.statement_id in self._recorded:
                 self._recorded.discard(ev.statement_id)
-                self._stmt_ids.pop(ev.statement_id, None)
                 return
             record = self._record(ev.statement_id, v, started, now, ev.rows, ev.sqlstate)
-            self._stmt_ids.pop(ev.statement_id, None)
             approval_id = self._approvals.pop(ev.statement_id, "")
             if approval_id:
                 record = dataclasses.replace(record, approval_id=approval_id)
@@ -465,11 +461,15 @@ class ClientSession:
                 "client" if ev.by_client else "database",
             )  # fmt: skip
 
+    def _statement_id(self, sid: int) -> str:
+        """The audit's id of the relay's statement number ``sid`` in this session."""
+        return f"{self.info.session_id}-{sid}"
+
     def _record(
         self, sid: int, v: Verdict, started: datetime, now: datetime, rows: int, sqlstate: str
     ) -> StatementRecord:
         return StatementRecord(
-            statement_id=self._stmt_ids.get(sid) or uuid.uuid4().hex,
+            statement_id=self._statement_id(sid),
             session_id=self.info.session_id,
             ts=started,
             agent=self.info.agent,
@@ -512,7 +512,7 @@ class ClientSession:
             agent=self.info.agent,
             database=self.info.database,
             session_id=self.info.session_id,
-            statement_id=self._stmt_ids.get(ev.statement_id, ""),
+            statement_id=self._statement_id(ev.statement_id),
             notice=self._notice,
             estimated_rows=estimated,
         )

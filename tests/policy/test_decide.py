@@ -451,3 +451,16 @@ def test_explain_text() -> None:
     assert "redact" in text
     blocked = explain(RULES, CATALOG, MASKS, "triage-bot", "SELECT * FROM pg_stats")
     assert blocked.startswith("decision: BLOCK")
+
+
+def test_statements_differing_only_in_literals_share_one_decision() -> None:
+    eng = engine()
+    first = eng.statement("SELECT ssn FROM patients WHERE id = 1", CTX)
+    again = eng.statement("SELECT ssn FROM patients WHERE id = 2", CTX)
+    assert again is first  # decided once, by shape
+    other = eng.statement("SELECT first_name FROM patients WHERE id = 2", CTX)
+    assert other is not first
+    # COPY options are literals that change the decision: never shared by shape
+    csv = eng.statement("COPY (SELECT ssn FROM patients) TO STDOUT (FORMAT 'csv')", CTX)
+    binary = eng.statement("COPY (SELECT ssn FROM patients) TO STDOUT (FORMAT 'binary')", CTX)
+    assert csv.action is not Action.BLOCK and binary.action is Action.BLOCK
