@@ -315,7 +315,8 @@ class DuckDBSink:
     def _open(self) -> None:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            conn = duckdb.connect(str(self.path))
+            # one thread: the audit must not compete with the proxy for the cores
+            conn = duckdb.connect(str(self.path), config={"threads": 1})
         except (duckdb.Error, OSError) as exc:
             raise AuditUnavailable(f"cannot open audit file {self.path}: {exc}") from exc
         try:

@@ -653,7 +653,9 @@ class PolicyEngine:
             if (returns_tagged and self._held("bulk_export"))
             else None
         )
-        d.result = LineageResult(tuple(plans), cat, self.masks, self.profile, scrub, max_rows)
+        # A statement that reads no tagged relation needs nothing done to its rows.
+        if scrub or returns_tagged:
+            d.result = LineageResult(tuple(plans), cat, self.masks, self.profile, scrub, max_rows)
         d.masks = tuple(
             ColumnMask(
                 i,

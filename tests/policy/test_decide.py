@@ -300,8 +300,8 @@ def test_max_rows_and_scrub_when_tagged_columns_are_returned() -> None:
     plain = _admitted("SELECT id FROM patients")
     assert plain.result is not None
     assert plain.result.max_rows is None and plain.result.scrub_diagnostics
-    far = _admitted("SELECT id FROM scratch")
-    assert far.result is not None and not far.result.scrub_diagnostics
+    far = engine().statement("SELECT id FROM scratch", CTX)
+    assert far.admits and far.result is None  # no tagged relation read: nothing to do
 
 
 def test_multi_statement_results_are_planned_by_index() -> None:
@@ -397,7 +397,8 @@ def test_scrub_error_without_a_verdict_scrubs() -> None:
 
 
 def test_scrub_error_passes_untagged_errors() -> None:
-    v = _admitted("SELECT note::int FROM scratch")
+    v = engine().statement("SELECT note::int FROM scratch", CTX)
+    assert v.admits
     assert scrub_error(ERROR, v) == ERROR
 
 
