@@ -750,9 +750,9 @@ class Relay:
                 target.fields, target.fields_raw = None, bytes(body)
             self._finish(self._pending.popleft())
             return
-        rd = m.RowDescription.decode(body)
-        # a simple-query result set starts
+        # a simple-query result set starts; its shape matters only to a result policy
         if head.kind == _QUERY and head.verdict is not None and head.verdict.result is not None:
+            rd = m.RowDescription.decode(body)
             plan = self._plan(
                 head.verdict, [_field_info(f, f.format) for f in rd.fields], head.index
             )

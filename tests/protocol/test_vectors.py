@@ -122,7 +122,7 @@ def _normalized(lines: list[str]) -> list[str]:
         line = re.sub(r"NotificationResponse\(pid=\d+", "NotificationResponse(pid=?", line)
         line = re.sub(r", \('[FLR]', '[^']*'\)", "", line)
         # asyncpg numbers its statements process-wide: the count depends on earlier tests
-        line = re.sub(r"__asyncpg_(stmt|portal)_\d+__", r"__asyncpg_\1_N__", line)
+        line = re.sub(r"__asyncpg_(stmt|portal)_[0-9a-f]+__", r"__asyncpg_\1_N__", line)
         out.append(line)
     return out
 
