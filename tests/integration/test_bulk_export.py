@@ -147,7 +147,9 @@ def test_row_limit_stops_the_stream_and_a_retry_asks(
     assert len(rows) == ROWS
 
 
-def test_row_limit_in_the_extended_protocol(not_estimating: ProxyThread, reviewer: Reviewer) -> None:
+def test_row_limit_in_the_extended_protocol(
+    not_estimating: ProxyThread, reviewer: Reviewer
+) -> None:
     with psycopg.connect(_dsn(not_estimating), autocommit=True) as conn:
         with pytest.raises(psycopg.errors.InsufficientPrivilege, match="bulk export"):
             conn.execute("SELECT ssn FROM people WHERE id > %s", (0,)).fetchall()

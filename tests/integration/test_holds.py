@@ -141,7 +141,10 @@ def test_cancel_while_held_withdraws(waiting: Held) -> None:
     assert agent.conn.execute("SELECT 6").fetchone() == (6,)
     agent.conn.close()
     deadline = time.monotonic() + 10
-    while waiting.run(lambda: waiting.service.store.get(pending.approval_id)).status is ApprovalStatus.PENDING:
+    while (
+        waiting.run(lambda: waiting.service.store.get(pending.approval_id)).status
+        is ApprovalStatus.PENDING
+    ):
         assert time.monotonic() < deadline
         time.sleep(0.05)
     rec = waiting.run(lambda: waiting.service.store.get(pending.approval_id))

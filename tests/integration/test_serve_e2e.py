@@ -226,7 +226,9 @@ def test_denied_statement_fails_with_the_reason(served: Served) -> None:
     _page, fields = _form(url)
     status, _ = _post(url, {**fields, "decision": "deny"})
     assert status != 200  # a deny needs a reason
-    status, _ = _post(url, {**fields, "decision": "deny", "reason": "patients is the system of record"})
+    status, _ = _post(
+        url, {**fields, "decision": "deny", "reason": "patients is the system of record"}
+    )
     assert status == 200
     agent.join(30)
     assert isinstance(agent.error, psycopg.errors.InsufficientPrivilege)
