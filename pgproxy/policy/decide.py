@@ -438,6 +438,11 @@ class PolicyEngine:
         if len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
 
+    def revalidate(self, sql: str, verdict: Verdict, ctx: StatementContext) -> Verdict:
+        if verdict.catalog_version in ("", self.catalog.version):
+            return verdict
+        return self.statement(sql, ctx)  # DDL since Parse: decide again on today's catalog
+
     def function_call(self, function_oid: int, ctx: StatementContext) -> Verdict:
         fn = self.catalog.function_by_oid(function_oid)
         if fn is None or not fn.is_builtin or judge_builtin(fn.name) is not FunctionVerdict.ALLOWED:
@@ -500,6 +505,7 @@ class PolicyEngine:
             columns=tuple(sorted({c for d in decisions for c in d.columns})),
             tags=tuple(sorted({t for d in decisions for t in d.tags})),
             masks=masks,
+            catalog_version=self.catalog.version,
         )
 
     def _held(self, hold_class: str) -> bool:

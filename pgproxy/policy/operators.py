@@ -26,20 +26,48 @@ error, unknown type or unparseable value gives NULL.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import hashlib
 import hmac
-from collections.abc import Callable, Mapping
+import sys
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
-
-from presidio_anonymizer.operators import Hash, Mask, Operator, Redact, Replace
 
 from pgproxy.policy import pgbinary
 from pgproxy.policy.freetext import FreeTextMode, default_scanner
 from pgproxy.policy.pgbinary import JSON_LIKE, TEXT_LIKE, Oid
 from pgproxy.policy.seam import CellRewriter, FieldInfo
 from pgproxy.rules import BUILTIN_TAGS, Rules
+
+
+@contextlib.contextmanager
+def _import_blocked(name: str) -> Iterator[None]:
+    """Make ``import name`` fail (ImportError) for the duration, unless it is already loaded.
+
+    presidio-anonymizer's ``operators`` package imports its Azure (AHDS) surrogate operator, which
+    tries ``presidio_analyzer.llm_utils.azure_auth_helper``: importing that loads all of
+    presidio-analyzer with spaCy, thinc and numpy (about 70 MB and 0.6 s) although no operator we
+    use needs it. The import sits in a ``try/except ImportError`` there, so a ``None`` entry in
+    ``sys.modules`` (Python's documented way to make an import fail) skips it cleanly.
+    Free-text scanning still imports presidio-analyzer itself, on first use.
+    """
+    if name in sys.modules:
+        yield
+        return
+    sys.modules[name] = None  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        if sys.modules.get(name, _MISSING) is None:
+            del sys.modules[name]
+
+
+_MISSING = object()
+
+with contextlib.nullcontext():
+    from presidio_anonymizer.operators import Hash, Mask, Operator, Redact, Replace
 
 SAFE_HARBOR = "safe_harbor"
 PSEUDONYMOUS = "pseudonymous"

@@ -127,6 +127,8 @@ class Verdict:
     columns: tuple[str, ...] = ()
     tags: tuple[str, ...] = ()
     masks: tuple[ColumnMask, ...] = ()
+    #: the catalog the decision was made against ("" when it did not depend on one)
+    catalog_version: str = ""
 
     @property
     def admits(self) -> bool:
@@ -153,6 +155,11 @@ class SessionPolicy(Protocol):
         """Decide one Query text or Parse text."""
         ...
 
+    def revalidate(self, sql: str, verdict: Verdict, ctx: StatementContext) -> Verdict:
+        """A prepared statement is about to run: its Parse-time verdict, or a new one if what
+        it was decided against (the catalog) has changed since."""
+        ...
+
     def function_call(self, function_oid: int, ctx: StatementContext) -> Verdict:
         """Decide a FunctionCall ('F') message."""
         ...
@@ -171,6 +178,9 @@ class AllowAll:
 
     def statement(self, sql: str, ctx: StatementContext) -> Verdict:
         return Verdict(Action.ALLOW, ("allow-all policy",), statement_class="unknown")
+
+    def revalidate(self, sql: str, verdict: Verdict, ctx: StatementContext) -> Verdict:
+        return verdict
 
     def function_call(self, function_oid: int, ctx: StatementContext) -> Verdict:
         return Verdict(Action.ALLOW, ("allow-all policy",), statement_class="function_call")

@@ -42,6 +42,8 @@ from pgproxy.protocol.copyrows import rewrite_row
 from pgproxy.protocol.errors import PeerProtocolError
 from pgproxy.protocol.framing import FrameBuffer
 
+_INTERNAL = "statement blocked: internal policy error"
+
 #: Text Postgres rejects at parse time; it never reaches the executor.
 BLOCKED_SQL = "pgproxy: statement withheld by policy"
 
@@ -480,7 +482,18 @@ class Relay:
             self.to_server += chunk[start:end]
             self._pending.append(_Pending(_EXECUTE))
             return True
-        verdict = self._bulk(stmt.sql, stmt.verdict)
+        if stmt.verdict.action is Action.BLOCK:
+            # its Parse was replaced, so Postgres has no such statement: it answers itself
+            self.to_server += chunk[start:end]
+            self._pending.append(_Pending(_EXECUTE))
+            return True
+        try:
+            checked = self.policy.revalidate(stmt.sql, stmt.verdict, self._ctx("execute"))
+        except Exception:
+            checked = Verdict(Action.BLOCK, ("internal policy error",), message=_INTERNAL)
+        if checked is not stmt.verdict:
+            stmt.verdict = checked
+        verdict = self._bulk(stmt.sql, checked)
         sid = self._admit(stmt.sql, verdict, "execute")
         if verdict.action is Action.HOLD:
             self._held = _Held(chunk[start:end], F_EXECUTE, sid, verdict, portal)

@@ -36,6 +36,9 @@ class _Unavailable:
     def statement(self, sql: str, ctx: StatementContext) -> Verdict:
         return Verdict(Action.BLOCK, (_NO_CATALOG,), message=f"statement blocked: {_NO_CATALOG}")
 
+    def revalidate(self, sql: str, verdict: Verdict, ctx: StatementContext) -> Verdict:
+        return self.statement(sql, ctx)
+
     def function_call(self, function_oid: int, ctx: StatementContext) -> Verdict:
         return self.statement("", ctx)
 

@@ -86,6 +86,9 @@ class MarkerPolicy:
             )
         return Verdict(Action.MASK, ("test rewrite",), "test", result=RewriteResult())
 
+    def revalidate(self, sql: str, verdict: Verdict, ctx: StatementContext) -> Verdict:
+        return verdict
+
     def function_call(self, function_oid: int, ctx: StatementContext) -> Verdict:
         return Verdict(Action.BLOCK, ("no function calls",), "function_call", message="blocked")
 

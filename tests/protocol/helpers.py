@@ -167,6 +167,9 @@ class FakePolicy:
         self.asked.append((sql, ctx))
         return self.verdicts.get(sql, ALLOW)
 
+    def revalidate(self, sql: str, verdict: Verdict, ctx: StatementContext) -> Verdict:
+        return verdict
+
     def function_call(self, function_oid: int, ctx: StatementContext) -> Verdict:
         return self.functions.get(function_oid, ALLOW)
 
