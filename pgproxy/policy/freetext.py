@@ -74,6 +74,19 @@ OWN_PATTERNS: tuple[tuple[str, str, int], ...] = (
         0,
     ),
     ("US_SSN", r"(?<!\d)\d{3}[- ]\d{2}[- ]\d{4}(?!\d)", 0),
+    # Phone numbers by shape, whether or not the area code is assigned (libphonenumber only
+    # finds valid ones): (300) 555-0100, 300-555-0100, 300.555.0100, +1 300 555 0100, 555-0100.
+    (
+        "PHONE_NUMBER",
+        r"(?<![\w-])(?:\+?1[-. ]?)?(?:\(\d{3}\)\s?|\d{3}[-. ])?\d{3}[-. ]\d{4}(?![\w-])",
+        0,
+    ),
+    (
+        "PHONE_NUMBER",
+        r"\b(?:phone|tel|telephone|cell|mobile|fax|call|pager|ext)\.?\s*[:#]?\s*"
+        r"(?P<v>\+?[\d(][\d ().-]{5,}\d)",
+        re.IGNORECASE,
+    ),
     (
         "MRN",
         r"\b(?:MRN|MR#|medical record(?: number| no\.?| #)?|chart(?: number| no\.?| #)?"

@@ -116,3 +116,20 @@ def test_scrub_is_total(text: str) -> None:
     out = SCANNER.scrub(text)
     assert isinstance(out, str)
     assert (out == text) == (SCANNER.findings(text) == [])
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Called patient at (300) 555-0100 today",
+        "call 300-555-0100 to confirm",
+        "phone 555-0100",
+        "reach her on 221.555.0142",
+        "tel: +1 280 555 0177",
+        "Fax #311-555-0123",
+    ],
+)
+def test_phone_numbers_with_unassigned_area_codes_are_found(text: str) -> None:
+    out = default_scanner().scrub(text, FreeTextMode.REPLACE)
+    digits = "".join(ch for ch in text if ch.isdigit())
+    assert out is not None and digits[-4:] not in out, out
