@@ -58,6 +58,18 @@ def _serve_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--approvals-db", dest="approvals_db", help="approval store (SQLite file)")
     p.add_argument("--audit-key", dest="audit_key", help="key that signs audit checkpoints")
     p.add_argument("--audit-export", dest="audit_export", help="directory for Parquet exports")
+    p.add_argument("--webhook-url", dest="webhook_url", help="also POST approval requests here")
+    p.add_argument(
+        "--reviewer-tokens", dest="reviewer_tokens", help="YAML reviewer: token for the JSON API"
+    )
+    p.add_argument(
+        "--cleartext-over-tls",
+        dest="cleartext_over_tls",
+        action="store_const",
+        const=True,
+        help="ask TLS agents for a cleartext password instead of SCRAM",
+    )
+    p.add_argument("--pseudonym-key", dest="pseudonym_key", help="key for pseudonymous tokens")
     p.add_argument("--log-format", dest="log_format", choices=["text", "json"])
     p.add_argument("--log-level", dest="log_level")
     p.add_argument("--max-message-size", dest="max_message_size", type=int)
@@ -104,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify = audit_sub.add_parser("verify", help="check the audit's tamper evidence")
     verify.add_argument("--audit", default=None)
     verify.add_argument("--audit-key", dest="audit_key", default=None)
+    verify.add_argument("--http", default=None, help="HOST:PORT of a running pgproxy serve")
 
     hp = sub.add_parser("hash-password", help="print a SCRAM-SHA-256 verifier for rules/")
     hp.add_argument("--password", default=None, help="(default: prompt)")
@@ -191,7 +204,7 @@ async def _refresh(hub: Any) -> int:
 
 
 def _audit(args: argparse.Namespace) -> int:
-    from pgproxy.audit.http import query_over_http
+    from pgproxy.audit.http import query_over_http, verify_over_http
     from pgproxy.audit.keys import AuditKeyError, resolve_key
     from pgproxy.audit.query import AuditQueryError, QueryRejected, format_result, run_query
     from pgproxy.audit.verify import verify
@@ -206,6 +219,13 @@ def _audit(args: argparse.Namespace) -> int:
                 result = run_query(path, args.query)
             print(format_result(result, args.format))
             return 0
+        if args.http:
+            body = _run_async_value(verify_over_http(args.http))
+            if body["ok"]:
+                print(f"live audit: ok, {body['rows']} rows, {body['checkpoints']} checkpoints")
+                return 0
+            print(f"live audit: TAMPERED: {body['first_bad']}", file=sys.stderr)
+            return 1
         key = resolve_key(args.audit_key or env_settings.audit_key, path, create=False)
         outcome = verify(path, key)
     except (QueryRejected, AuditQueryError, AuditKeyError) as exc:

@@ -43,6 +43,7 @@ class Settings:
     cleartext_over_tls: bool = False
     pseudonym_key: str | None = None
     webhook_url: str | None = None
+    reviewer_tokens: str | None = None
 
     @property
     def listen_addr(self) -> tuple[str, int]:
@@ -124,8 +125,30 @@ def load_settings(
         if name in _FIELDS and value is not None:
             values[name] = _coerce(name, value)
     settings = Settings(**values)
+    if settings.reviewer_tokens:
+        reviewer_tokens(settings)  # validates the file early
     settings.listen_addr  # noqa: B018  (validates)
     settings.http_addr  # noqa: B018
     if (settings.tls_cert is None) != (settings.tls_key is None):
         raise ConfigError("--tls-cert and --tls-key go together")
     return settings
+
+
+def reviewer_tokens(settings: Settings) -> dict[str, str]:
+    """token → reviewer, from the ``--reviewer-tokens`` YAML file (reviewer: token)."""
+    if not settings.reviewer_tokens:
+        return {}
+    path = settings.reviewer_tokens
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except OSError as exc:
+        raise ConfigError(f"--reviewer-tokens {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--reviewer-tokens {path}: invalid YAML: {exc}") from None
+    if not isinstance(data, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) and len(v) >= 24 for k, v in data.items()
+    ):
+        raise ConfigError(
+            f"--reviewer-tokens {path}: expected a mapping reviewer: token (tokens of 24+ chars)"
+        )
+    return {token: reviewer for reviewer, token in data.items()}

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from pgproxy.audit.sink import DuckDBSink
 
 SQL_PATH: Final = "/api/audit/sql"
+VERIFY_PATH: Final = "/api/audit/verify"
 DEFAULT_MAX_ROWS: Final = 100_000
 
 
@@ -62,7 +63,32 @@ def audit_routes(sink: DuckDBSink) -> web.RouteTableDef:
             }
         )
 
+    @routes.get(VERIFY_PATH)
+    async def audit_verify(request: web.Request) -> web.Response:
+        try:
+            result = await sink.verify()
+        except AuditUnavailable as exc:
+            return _error(503, "unavailable", str(exc))
+        return web.json_response(
+            {"ok": result.ok, "rows": result.rows, "first_bad": result.first_bad,
+             "checkpoints": result.checkpoints, "signed": result.signed}
+        )  # fmt: skip
+
     return routes
+
+
+async def verify_over_http(base_url: str, *, timeout: float = 120.0) -> dict[str, Any]:
+    """``GET /api/audit/verify`` of a running pgproxy: the live file's tamper check."""
+    url = base_url if "://" in base_url else f"http://{base_url}"
+    client_timeout = aiohttp.ClientTimeout(total=timeout)
+    async with (
+        aiohttp.ClientSession(timeout=client_timeout) as session,
+        session.get(url.rstrip("/") + VERIFY_PATH) as resp,
+    ):
+        body: dict[str, Any] = await resp.json()
+        if resp.status != 200:
+            raise AuditQueryError(str(body.get("error", f"HTTP {resp.status}")))
+        return body
 
 
 async def query_over_http(base_url: str, sql: str, *, timeout: float = 60.0) -> QueryResult:

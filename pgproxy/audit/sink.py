@@ -44,6 +44,7 @@ import duckdb
 from pgproxy.audit import chain, schema
 from pgproxy.audit.query import QueryResult, run_query
 from pgproxy.audit.records import AuditRecord, PolicyEvent
+from pgproxy.audit.verify import VerifyResult
 
 log = logging.getLogger("pgproxy.audit")
 
@@ -297,6 +298,24 @@ class DuckDBSink:
         return await asyncio.get_running_loop().run_in_executor(
             ex, lambda: run_query(conn, sql, max_rows=max_rows)
         )
+
+    async def verify(self) -> VerifyResult:
+        """Check the chain and checkpoints of the live file (committed rows), serialized with
+        the writes."""
+        from pgproxy.audit.verify import verify_connection
+
+        conn, ex = self._conn, self._executor
+        if conn is None or ex is None or self._closed:
+            raise AuditUnavailable("audit sink is not running")
+
+        def run() -> VerifyResult:
+            cur = conn.cursor()
+            try:
+                return verify_connection(cur, str(self.path), self._key)
+            finally:
+                cur.close()
+
+        return await asyncio.get_running_loop().run_in_executor(ex, run)
 
     async def export_parquet(self, out_dir: str | os.PathLike[str]) -> list[str]:
         """Export the views as day-partitioned Parquet (``out_dir`` must be ``export_dir`` or

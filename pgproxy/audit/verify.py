@@ -70,6 +70,13 @@ def verify(path: str | os.PathLike[str], signing_key: bytes | None) -> VerifyRes
         conn.close()
 
 
+def verify_connection(
+    conn: duckdb.DuckDBPyConnection, path: str, key: bytes | None
+) -> VerifyResult:
+    """``verify`` on an open connection (the live sink's, while ``serve`` holds the file)."""
+    return _verify(conn, path, key)
+
+
 def _verify(conn: duckdb.DuckDBPyConnection, path: str, key: bytes | None) -> VerifyResult:
     present = {r[0] for r in conn.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
     missing = [t.name for t in schema.TABLES if t.name not in present]

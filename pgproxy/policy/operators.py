@@ -66,7 +66,7 @@ def _import_blocked(name: str) -> Iterator[None]:
 
 _MISSING = object()
 
-with contextlib.nullcontext():
+with _import_blocked("presidio_analyzer.llm_utils.azure_auth_helper"):
     from presidio_anonymizer.operators import Hash, Mask, Operator, Redact, Replace
 
 SAFE_HARBOR = "safe_harbor"

@@ -29,7 +29,7 @@ from pgproxy.audit.keys import AuditKeyError, resolve_key
 from pgproxy.audit.query import AuditQueryError, QueryRejected
 from pgproxy.audit.records import PolicyEvent
 from pgproxy.audit.sink import AuditUnavailable, DuckDBSink
-from pgproxy.config import ConfigError, Settings
+from pgproxy.config import ConfigError, Settings, reviewer_tokens
 from pgproxy.rules import Rules, RulesError, load_rules
 from pgproxy.server.audit_wire import AuditQuery, AuditQueryFailed, Result
 from pgproxy.server.holds import ApprovalHolds
@@ -177,7 +177,7 @@ async def run(
         },
     )
     app.add_routes(audit_routes(sink))
-    app.add_routes(approval_routes(runtime.approvals))
+    app.add_routes(approval_routes(runtime.approvals, reviewer_tokens(settings)))
     for routes in extra_routes:
         app.add_routes(routes)
     export_task = (

@@ -254,6 +254,8 @@ def test_analyst_reads_the_audit_while_serving(served: Served) -> None:
                    "SELECT status, count(*) AS n FROM approvals GROUP BY status ORDER BY status")  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert "executed" in out.stdout and "denied" in out.stdout  # approved, then run once
+    out = _pgproxy("audit", "verify", "--http", f"127.0.0.1:{served.http}")
+    assert out.returncode == 0 and "ok" in out.stdout, out.stdout + out.stderr
     dsn = f"postgresql://auditor:an0ther@127.0.0.1:{served.port}/audit"
     with psycopg.connect(dsn) as conn:
         rows = conn.execute("SELECT decision, sql_redacted FROM statements").fetchall()
