@@ -72,10 +72,10 @@ def test_rules_check_missing_dir(tmp_path: Path) -> None:
 
 
 def test_hash_password_gives_a_verifier_rules_accept(tmp_path: Path) -> None:
-    out = pgproxy("hash-password", "--password", "pw")
+    out = pgproxy("hash-password", "--password", "not-in-base64!")  # '-' and '!' never are
     assert out.returncode == 0
     verifier = out.stdout.strip()
-    assert parse_verifier(verifier) is not None and "pw" not in verifier
+    assert parse_verifier(verifier) is not None and "not-in-base64!" not in verifier
     (tmp_path / "r.yaml").write_text(f'agents:\n  - name: a\n    password: "{verifier}"\n')
     assert load_rules(tmp_path).agents[0].password == verifier
 
