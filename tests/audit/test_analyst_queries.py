@@ -39,3 +39,24 @@ def test_query_runs_and_finds_rows(populated: Path, sql: str) -> None:
     result = run_query(populated, sql)
     assert result.columns
     assert result.rows, "the sample audit should give every example query something to show"
+
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+README_QUERIES = [
+    q.strip()
+    for block in re.findall(r"```sql\n(.*?)```", README.read_text(), flags=re.DOTALL)
+    for q in re.split(r";\s*(?:\n|$)", re.sub(r"--[^\n]*\n", "", block))
+    if q.strip()
+]
+
+
+def test_readme_shows_at_least_eight_queries() -> None:
+    assert len(README_QUERIES) >= 8
+
+
+@pytest.mark.parametrize(
+    "sql", README_QUERIES, ids=[f"readme{i + 1}" for i in range(len(README_QUERIES))]
+)
+def test_readme_query_runs(populated: Path, sql: str) -> None:
+    result = run_query(populated, sql)
+    assert result.columns
