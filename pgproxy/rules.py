@@ -55,18 +55,15 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class Agent(_Strict):
-    """An AI agent identity: the Postgres user name it connects with and its secret."""
+class _Identity(_Strict):
+    """A name that logs in with a password (or SCRAM verifier) held in the rules or the env."""
 
     name: str = Field(min_length=1, max_length=63)
     password: str | None = None
     password_env: str | None = None
-    approvers: tuple[str, ...] | None = None
-    owner: str | None = None
-    profile: Literal["safe_harbor", "pseudonymous"] = "safe_harbor"
 
     @model_validator(mode="after")
-    def _one_secret(self) -> Agent:
+    def _one_secret(self) -> _Identity:
         if (self.password is None) == (self.password_env is None):
             raise ValueError("give exactly one of 'password' or 'password_env'")
         return self
@@ -79,36 +76,23 @@ class Agent(_Strict):
         assert self.password_env is not None
         value = env.get(self.password_env)
         if value is None:
+            kind = type(self).__name__.lower()
             raise RulesError(
-                f"agent {self.name!r}: environment variable {self.password_env} is not set"
+                f"{kind} {self.name!r}: environment variable {self.password_env} is not set"
             )
         return value
 
 
-class Analyst(_Strict):
+class Agent(_Identity):
+    """An AI agent identity: the Postgres user name it connects with and its secret."""
+
+    approvers: tuple[str, ...] | None = None
+    owner: str | None = None
+    profile: Literal["safe_harbor", "pseudonymous"] = "safe_harbor"
+
+
+class Analyst(_Identity):
     """A read-only audit analyst: connects to the ``audit`` database over the wire."""
-
-    name: str = Field(min_length=1, max_length=63)
-    password: str | None = None
-    password_env: str | None = None
-
-    @model_validator(mode="after")
-    def _one_secret(self) -> Analyst:
-        if (self.password is None) == (self.password_env is None):
-            raise ValueError("give exactly one of 'password' or 'password_env'")
-        return self
-
-    def secret(self, environ: Mapping[str, str] | None = None) -> str:
-        if self.password is not None:
-            return self.password
-        env = os.environ if environ is None else environ
-        assert self.password_env is not None
-        value = env.get(self.password_env)
-        if value is None:
-            raise RulesError(
-                f"analyst {self.name!r}: environment variable {self.password_env} is not set"
-            )
-        return value
 
 
 class MaskSpec(_Strict):
@@ -169,7 +153,7 @@ class Rules(_Strict):
     @model_validator(mode="after")
     def _unique_names(self) -> Rules:
         seen: set[str] = set()
-        idents: list[Agent | Analyst] = [*self.agents, *self.analysts]
+        idents: list[_Identity] = [*self.agents, *self.analysts]
         for ident in idents:
             if ident.name in seen:
                 raise ValueError(f"identity {ident.name!r} is defined twice")

@@ -130,6 +130,8 @@ _OWN_PARAMS: dict[Op, frozenset[str]] = {
     Op.SCAN: frozenset({"mode"}),
     Op.PSEUDONYM: frozenset(),
 }
+#: presidio operators whose output ignores the text they are given (``needs_text`` below)
+_VALUE_BLIND = frozenset({Op.REPLACE, Op.REDACT})
 _FORBIDDEN = frozenset({"keep", "decrypt", "deanonymize", "deanonymize_keep", "encrypt", "custom"})
 
 _SAFE_HARBOR_DEFAULTS: dict[str, Op] = {
@@ -186,6 +188,8 @@ class MaskCatalog:
     def rewriter(self, tag: str, field: FieldInfo, profile: str = SAFE_HARBOR) -> CellRewriter:
         spec = self._spec(tag, profile)
         impl = self._impl(tag, spec, field)
+        if impl is not None and spec.presidio is not None and spec.op in _VALUE_BLIND:
+            return _guarded_constant(impl)
         replacing = spec.op not in (Op.YEAR_ONLY, Op.AGE_CAP, Op.ZIP3, Op.SCAN)
         return _guarded(impl, replacing)
 
@@ -198,7 +202,7 @@ class MaskCatalog:
         def impl(_value: bytes, fmt: int) -> bytes | None:
             return pgbinary.encode_string(oid, mod, REDACTED, fmt)
 
-        return _guarded(impl, replacing=True)
+        return _guarded_constant(impl)
 
     # --- internals ------------------------------------------------------------------------------
 
@@ -327,11 +331,36 @@ def _guarded(impl: _Impl | None, replacing: bool) -> CellRewriter:
     return rewrite
 
 
+def _guarded_constant(impl: _Impl) -> CellRewriter:
+    """``_guarded`` for an ``impl`` whose output does not depend on the value (replace, redact):
+    the output is computed once per format instead of once per cell. Same contract: NULL stays
+    NULL, an error or an output equal to the original gives NULL."""
+    outputs: dict[int, bytes | None] = {}
+
+    def rewrite(value: bytes | None, fmt: int) -> bytes | None:
+        if value is None:
+            return None
+        try:
+            out = outputs[fmt]
+        except KeyError:
+            try:
+                out = impl(b"", fmt)
+            except Exception:
+                out = None
+            if fmt in (0, 1):  # the only formats Postgres has; others are not worth keeping
+                outputs[fmt] = out
+        if out is None or out == value:
+            return None
+        return out
+
+    return rewrite
+
+
 def _presidio_impl(spec: _Spec, tag: str, oid: int, mod: int) -> _Impl:
     operator_obj = spec.presidio
     assert operator_obj is not None
     params = dict(spec.params)
-    needs_text = spec.op not in (Op.REPLACE, Op.REDACT)
+    needs_text = spec.op not in _VALUE_BLIND
 
     def impl(value: bytes, fmt: int) -> bytes | None:
         text = _string_of(oid, value, fmt) if needs_text else ""

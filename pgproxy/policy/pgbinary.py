@@ -193,6 +193,10 @@ _ISO = re.compile(
     r"(?P<bc> BC)?"
 )
 _TEXT_INFINITIES = frozenset({b"infinity", b"-infinity"})
+#: b"MM-DD" of every day of a leap year: the month/day check of a text date without parsing it
+_MONTH_DAYS: frozenset[bytes] = frozenset(
+    (_PG_EPOCH + dt.timedelta(days=i)).strftime("%m-%d").encode("ascii") for i in range(366)
+)
 
 
 def is_infinite(type_oid: int, data: bytes, fmt: int) -> bool:
@@ -215,6 +219,13 @@ def year_start(type_oid: int, data: bytes, fmt: int, clamp_year: int | None = No
     if is_infinite(type_oid, data, fmt):
         return data
     if fmt == 0:
+        if type_oid == Oid.DATE and len(data) == 10 and data[4:5] == b"-":
+            # the common 'YYYY-MM-DD' without the regex below; same result, same checks
+            year, month_day = data[:4], data[5:]
+            if year.isdigit() and month_day in _MONTH_DAYS:
+                if clamp_year is not None and int(year) < clamp_year:
+                    return b"%04d-01-01" % clamp_year
+                return year + b"-01-01"
         return _year_start_text(type_oid, data.decode("ascii"), clamp_year)
     if type_oid == Oid.DATE:
         day = _date_from_days(_I32.unpack(data)[0])

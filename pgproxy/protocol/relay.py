@@ -130,12 +130,12 @@ Event = StatementAdmitted | StatementFinished | HoldRequested | Terminated | Pro
 
 
 @dataclass(slots=True)
-class _Statement:
-    sql: str
-    verdict: Verdict
-    fields: tuple[m.Field, ...] | None = None
-    #: a RowDescription body not decoded yet (only results with a policy need the fields)
-    fields_raw: bytes | None = None
+class _Described:
+    """Something a Describe answers for: its RowDescription, decoded on first use (only
+    results with a policy need the fields)."""
+
+    fields: tuple[m.Field, ...] | None = field(default=None, kw_only=True)
+    fields_raw: bytes | None = field(default=None, kw_only=True)
 
     def row_fields(self) -> tuple[m.Field, ...] | None:
         if self.fields is None and self.fields_raw is not None:
@@ -144,12 +144,16 @@ class _Statement:
 
 
 @dataclass(slots=True)
-class _Portal:
+class _Statement(_Described):
+    sql: str
+    verdict: Verdict
+
+
+@dataclass(slots=True)
+class _Portal(_Described):
     statement: _Statement | None
     #: the Bind body, decoded on first use (parameters matter only to holds)
     bind_raw: bytes
-    fields: tuple[m.Field, ...] | None = None
-    fields_raw: bytes | None = None
     described: bool = False
     _bind: m.Bind | None = None
 
@@ -158,11 +162,6 @@ class _Portal:
         if self._bind is None:
             self._bind = m.Bind.decode(self.bind_raw)
         return self._bind
-
-    def row_fields(self) -> tuple[m.Field, ...] | None:
-        if self.fields is None and self.fields_raw is not None:
-            self.fields = m.RowDescription.decode(self.fields_raw).fields
-        return self.fields
 
 
 @dataclass(slots=True)
