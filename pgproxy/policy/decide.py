@@ -67,7 +67,6 @@ _CONSTANT_NODES = (
 SAFE_SETTINGS: frozenset[str] = frozenset(
     {
         "application_name",
-        "client_encoding",
         "client_min_messages",
         "datestyle",
         "intervalstyle",
@@ -75,7 +74,6 @@ SAFE_SETTINGS: frozenset[str] = frozenset(
         "time zone",
         "extra_float_digits",
         "bytea_output",
-        "standard_conforming_strings",
         "statement_timeout",
         "lock_timeout",
         "idle_in_transaction_session_timeout",

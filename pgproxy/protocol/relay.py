@@ -44,6 +44,11 @@ from pgproxy.protocol.framing import FrameBuffer
 
 _INTERNAL = "statement blocked: internal policy error"
 
+#: settings whose change would make the server read statements or values differently from the
+#: policy (see ``pgproxy.server.session.PINNED_PARAMS``): a session that reports another value
+#: is ended
+PINNED_SETTINGS = {"client_encoding": "UTF8", "standard_conforming_strings": "ON"}
+
 #: Text Postgres rejects at parse time; it never reaches the executor.
 BLOCKED_SQL = "pgproxy: statement withheld by policy"
 
@@ -689,6 +694,13 @@ class Relay:
             out += raw
             return
         if tag == T_PARAM_STATUS:
+            status = m.ParameterStatus.decode(body)
+            pinned = PINNED_SETTINGS.get(status.name)
+            if pinned is not None and status.value.upper() != pinned:
+                raise PeerProtocolError(
+                    f"the session's {status.name} changed to {status.value!r}; pgproxy requires "
+                    f"{pinned} and ends the session"
+                )
             out += raw
             return
         if tag == T_NOTIFY:

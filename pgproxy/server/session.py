@@ -60,9 +60,13 @@ READ_SIZE = 256 * 1024
 #: startup parameters passed on to the upstream; anything else (notably ``options``, which can
 #: set ``role`` or ``session_authorization``) is dropped.
 FORWARDED_PARAMS = frozenset(
-    {"application_name", "client_encoding", "DateStyle", "TimeZone", "IntervalStyle",
-     "extra_float_digits", "datestyle", "timezone", "intervalstyle", "search_path"}
+    {"application_name", "DateStyle", "TimeZone", "IntervalStyle", "extra_float_digits",
+     "datestyle", "timezone", "intervalstyle"}
 )  # fmt: skip
+#: Settings the policy's parser and the masking rewriters depend on, forced for every session:
+#: pglast reads string literals as standard SQL does, and rewriters read values as UTF-8. A
+#: session where either changed would let the server see code where the policy saw a string.
+PINNED_PARAMS = {"client_encoding": "UTF8", "standard_conforming_strings": "on"}
 FALSE_VALUES = frozenset({"false", "off", "no", "0", ""})
 MAX_DEFERRED = 64 * 1024 * 1024
 
@@ -311,6 +315,7 @@ class ClientSession:
 
     async def _connect_upstream(self, startup: StartupMessage) -> None:
         extra = {k: v for k, v in startup.params.items() if k in FORWARDED_PARAMS}
+        extra.update(PINNED_PARAMS)
         database = startup.params.get("database") or self.proxy.config.upstream.dbname
         try:
             self.upstream = await up.connect(self.proxy.config.upstream, database, extra)

@@ -328,3 +328,24 @@ def test_binary_copy_of_tagged_data_is_blocked(approving_proxy: ProxyThread) -> 
             for _ in copy:
                 pass
         assert_no_phi(hop.snapshot())
+
+
+def test_the_parser_and_the_server_always_read_literals_alike(hop: CaptureHop) -> None:
+    """With standard_conforming_strings off, Postgres would read `'a\\''` as a shorter string
+    than pglast does and run what pglast took for a literal. The setting is pinned on."""
+    attack = "SELECT 'a\\'' , ssn FROM patients --'"
+    dsn = dsn_for(hop)
+    with psycopg.connect(dsn, autocommit=True, options="-c standard_conforming_strings=off") as conn:
+        assert conn.execute("SHOW standard_conforming_strings").fetchone() == ("on",)
+        for sql in (
+            "SET standard_conforming_strings = off",
+            "SET SESSION standard_conforming_strings TO off",
+            "SELECT set_config('standard_conforming_strings', 'off', false)",
+            "SET client_encoding = 'LATIN1'",
+        ):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute(sql)
+        rows = conn.execute(attack).fetchall()
+        assert rows  # one string literal, to the parser and to the server alike
+        assert conn.execute("SHOW client_encoding").fetchone() == ("UTF8",)
+    assert_no_phi(hop.snapshot())
