@@ -109,7 +109,9 @@ def effective_path(search_path: Iterable[str], *, relations: bool) -> tuple[str,
 class Catalog:
     """An immutable catalog snapshot with resolved column tags."""
 
-    __slots__ = ("_by_name", "_funcs", "_funcs_by_oid", "_rels", "_tags", "opaque", "version")
+    __slots__ = (
+        "_by_name", "_funcs", "_funcs_by_oid", "_names", "_rels", "_tags", "opaque", "version",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -128,6 +130,7 @@ class Catalog:
             self._funcs[(f.schema, f.name)] = (*self._funcs.get((f.schema, f.name), ()), f)
         self._funcs_by_oid = {f.oid: f for f in funcs}
         self._tags: dict[Ref, ColumnTag] = dict(tags or {})
+        self._names: frozenset[str] | None = None
         self.opaque: frozenset[int] = frozenset(opaque)
         digest = hashlib.sha256()
         for r in sorted(self._rels.values(), key=lambda r: r.oid):
@@ -210,6 +213,17 @@ class Catalog:
 
     def tagged_refs_of(self, oid: int) -> frozenset[Ref]:
         return frozenset(ref for ref in self._tags if ref[0] == oid)
+
+    def names(self) -> frozenset[str]:
+        """Every schema, relation, column and function name the catalog knows."""
+        if self._names is None:
+            names: set[str] = set()
+            for r in self._rels.values():
+                names.update((r.schema, r.name), (c.name for c in r.columns))
+            names.update(s for s, _ in self._funcs)
+            names.update(n for _, n in self._funcs)
+            self._names = frozenset(names)
+        return self._names
 
     def column_type(self, ref: Ref) -> int | None:
         """The type OID of a column, or None if unknown."""

@@ -498,7 +498,7 @@ class PolicyEngine:
             hold_class=held[0].hold_class if action is Action.HOLD else None,
             result=result,
             fingerprint=_safe_fingerprint(sql),
-            sql_redacted=_safe_redact(sql),
+            sql_redacted=_safe_redact(sql, self.catalog),
             relations=tuple(sorted({r for d in decisions for r in d.relations})),
             columns=tuple(sorted({c for d in decisions for c in d.columns})),
             tags=tuple(sorted({t for d in decisions for t in d.tags})),
@@ -895,9 +895,13 @@ def _message(reasons: Sequence[str]) -> str:
     return f"pgproxy policy blocked this statement: {shown}"
 
 
-def _safe_redact(sql: str) -> str:
+def _safe_redact(sql: str, catalog: Catalog | None = None) -> str:
+    """The audit's copy of ``sql``: literals and identifiers the catalog does not know replaced."""
     try:
-        return redact(sql)
+        if catalog is None:
+            return redact(sql, lambda _name: False)
+        names = catalog.names()
+        return redact(sql, names.__contains__)
     except Exception:
         return ""
 

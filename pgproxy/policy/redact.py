@@ -16,10 +16,12 @@ is a hash of the redacted token stream.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 
 from pglast import parser
 
 UNPARSEABLE = "<unparseable statement>"
+IDENT_PLACEHOLDER = '"?"'
 STRING_PLACEHOLDER = "'?'"
 NUMBER_PLACEHOLDER = "?"
 
@@ -28,8 +30,24 @@ _NUMBER_TOKENS = frozenset({"ICONST", "FCONST"})
 _COMMENT_TOKENS = frozenset({"SQL_COMMENT", "C_COMMENT"})
 
 
-def redact(sql: str) -> str:
-    """``sql`` with every literal replaced by a placeholder and comments removed."""
+#: identifiers an agent did not invent: type names used in casts
+_TYPE_NAMES = frozenset(
+    {
+        "text", "varchar", "char", "bpchar", "name", "int", "int2", "int4", "int8", "integer",
+        "smallint", "bigint", "float4", "float8", "real", "numeric", "decimal", "date", "time",
+        "timestamp", "timestamptz", "timetz", "interval", "bool", "boolean", "bytea", "uuid",
+        "json", "jsonb", "xml", "inet", "cidr", "macaddr", "money", "oid", "regclass", "regtype",
+        "regproc", "tsvector", "tsquery", "point", "line", "box", "circle", "polygon", "path",
+    }
+)  # fmt: skip
+
+
+def redact(sql: str, known: Callable[[str], bool] | None = None) -> str:
+    """``sql`` with every literal replaced by a placeholder and comments removed.
+
+    With ``known``, an identifier it does not recognise (nor a built-in type name) becomes
+    ``"?"`` too: a value typed where a literal belonged (``WHERE name = Smith`` or
+    ``"900-12-3456"``) parses as an identifier, and must not reach the audit either."""
     try:
         tokens = parser.scan(sql)
     except Exception:
@@ -43,6 +61,12 @@ def redact(sql: str) -> str:
             text = STRING_PLACEHOLDER
         elif tok.name in _NUMBER_TOKENS:
             text = NUMBER_PLACEHOLDER
+        elif (
+            tok.name == "IDENT"
+            and known is not None
+            and not _is_known(sql[tok.start : tok.end + 1], known)
+        ):
+            text = IDENT_PLACEHOLDER
         else:
             text = sql[tok.start : tok.end + 1]
         if out and tok.start > prev_end + 1:
@@ -50,6 +74,11 @@ def redact(sql: str) -> str:
         out.append(text)
         prev_end = tok.end
     return "".join(out)
+
+
+def _is_known(token: str, known: Callable[[str], bool]) -> bool:
+    name = token[1:-1].replace('""', '"') if token.startswith('"') else token.lower()
+    return name in _TYPE_NAMES or known(name)
 
 
 def fingerprint(sql: str) -> str:

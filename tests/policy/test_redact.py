@@ -148,3 +148,12 @@ def test_arbitrary_text_leaks_no_string_literal(sql: str) -> None:
     }
     out_tokens = {out[t.start : t.end + 1] for t in parser.scan(out)}
     assert not (literals & out_tokens)
+
+
+def test_identifiers_the_catalog_does_not_know_are_replaced() -> None:
+    known = {"patients", "ssn", "last_name"}.__contains__
+    sql = 'SELECT ssn::text FROM patients WHERE last_name = Smith OR ssn = "900-31-5555"'
+    out = redact(sql, known)
+    assert "Smith" not in out and "smith" not in out and "900-31-5555" not in out
+    assert out.startswith("SELECT ssn::text FROM patients WHERE last_name =")
+    assert redact(sql) == sql  # without a catalog, identifiers are kept
