@@ -81,3 +81,48 @@ def test_quick_run_prints_every_row(pg_dsn: str, tmp_path: Path) -> None:
     assert results["errors"] == {}
     assert results["values"]["tps"]["pgproxy"] > 0
     assert results["values"]["rss"]["pgproxy"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(200)
+def test_masking_benchmark_runs_and_checks_the_masking(pg_dsn: str, tmp_path: Path) -> None:
+    """``benchmarks/masking.py`` streams both tables through a real ``pgproxy serve`` (it fails
+    by itself if the masked stream's first row is not masked) and reports the ratio."""
+    out = tmp_path / "masking.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "masking.py"), "--quick", "--rows", "3000",
+         "--binary", "--dsn", pg_dsn, "--json", str(out)],
+        capture_output=True, text=True, timeout=180, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert results["errors"] == {}
+    rates = results["rows_per_s"]
+    for stream in ("unmasked (pgproxy)", "masked (pgproxy)", "direct (no proxy)",
+                   "unmasked, binary (pgproxy)", "masked, binary (pgproxy)"):  # fmt: skip
+        assert rates[stream] > 0, stream
+    assert set(results["targets"]) == {"masked (pgproxy)", "masked, binary (pgproxy)"}
+    assert all(v in ("PASS", "FAIL") for v in results["targets"].values())
+    assert "target masked >= 0.5x unmasked" in proc.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(200)
+def test_decisions_benchmark_reports_every_statement(pg_dsn: str, tmp_path: Path) -> None:
+    """``benchmarks/decisions.py`` reads the demo schema's catalog from a real Postgres and
+    reports p50/p99 of the three latencies, with the decision of each statement of its mix."""
+    out = tmp_path / "decisions.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "decisions.py"), "--samples", "3",
+         "--dsn", pg_dsn, "--json", str(out)],
+        capture_output=True, text=True, timeout=180, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert set(results["summary"]) == {"first sight", "new literals", "cached repeat"}
+    assert set(results["targets"]) == {"first sight", "cached repeat"}
+    decisions = {name: s["decision"] for name, s in results["statements"].items()}
+    # the mix exercises every kind of decision, so a catalog that failed to load would show
+    assert set(decisions.values()) == {"ALLOW", "MASK", "HOLD", "BLOCK"}
+    assert decisions["lookup masked"] == "MASK"
+    assert decisions["catalog view (blocked)"] == "BLOCK"

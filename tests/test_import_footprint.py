@@ -132,13 +132,11 @@ def test_operators_import_leaves_no_blocked_module_behind() -> None:
         "import sys\n"
         "import pgproxy.policy.operators\n"
         "name = 'presidio_analyzer.llm_utils.azure_auth_helper'\n"
-        "assert name not in sys.modules, sys.modules.get(name, 'absent')\n"
+        "assert sys.modules.get(name, 'absent') is not None, 'blocked name left behind'\n"
         "import presidio_analyzer\n"
         "from presidio_analyzer.predefined_recognizers import IpRecognizer\n"
         "print(len(IpRecognizer().analyze('from 192.0.2.10', ['IP_ADDRESS'], None)))\n"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
-    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip() == "1"

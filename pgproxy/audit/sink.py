@@ -335,7 +335,7 @@ class DuckDBSink:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             # one thread: the audit must not compete with the proxy for the cores
-            conn = duckdb.connect(str(self.path), config={"threads": 1})
+            conn = duckdb.connect(str(self.path), config={"threads": 1, "memory_limit": "32MB"})
         except (duckdb.Error, OSError) as exc:
             raise AuditUnavailable(f"cannot open audit file {self.path}: {exc}") from exc
         try:

@@ -64,6 +64,11 @@ class RowPlan:
     rewriters: dict[int, CellRewriter] = field(default_factory=dict)
     masks: tuple[ColumnMask, ...] = ()
     block: str | None = None
+    #: ``rewriters`` in column order, for one pass over a row
+    ordered: tuple[tuple[int, CellRewriter], ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ordered", tuple(sorted(self.rewriters.items())))
 
 
 PASS_ROWS = RowPlan()

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field, replace
 from pgproxy.policy.seam import (
     PASS_ROWS,
     Action,
+    CellRewriter,
     CopyPlan,
     FieldInfo,
     ResultPolicy,
@@ -54,6 +55,7 @@ BLOCKED_SQL = "pgproxy: statement withheld by policy"
 
 _I32 = struct.Struct("!i")
 _I16 = struct.Struct("!H")
+_U32 = struct.Struct("!I")
 
 # request kinds awaiting a response
 _QUERY, _PARSE, _BIND, _DESCRIBE, _EXECUTE, _CLOSE, _SYNC, _FUNCTION = range(8)
@@ -221,31 +223,60 @@ def _field_info(f: m.Field, fmt: int) -> FieldInfo:
     return FieldInfo(f.name, f.table_oid, f.attnum, f.type_oid, f.type_size, f.type_mod, fmt)
 
 
-def split_row(body: bytes | memoryview) -> list[bytes | None]:
-    """The column values of a DataRow body."""
-    buf = bytes(body)
-    size = len(buf)
-    if size < 2:
-        raise PeerProtocolError("DataRow is shorter than its fields")
-    (n,) = _I16.unpack_from(buf, 0)
-    pos = 2
-    out: list[bytes | None] = []
-    unpack = _I32.unpack_from
-    for _ in range(n):
-        if pos + 4 > size:
-            raise PeerProtocolError("DataRow is shorter than its fields")
-        (length,) = unpack(buf, pos)
-        pos += 4
-        if length == -1:
-            out.append(None)
-        elif length < 0 or pos + length > size:
-            raise PeerProtocolError("DataRow has an invalid value length")
-        else:
-            out.append(buf[pos : pos + length])
-            pos += length
-    if pos != size:
-        raise PeerProtocolError("DataRow has trailing bytes")
-    return out
+_NULL = b"\xff\xff\xff\xff"
+
+
+def rewrite_data_row(
+    buf: bytes,
+    start: int,
+    end: int,
+    rewriters: Sequence[tuple[int, CellRewriter]],
+    formats: Sequence[int],
+) -> tuple[bytes, int]:
+    """The DataRow at ``buf[start:end]`` with the cells at the given ordinals rewritten.
+
+    Untouched columns are copied as slices of the original bytes, so a row costs one walk over
+    its length fields up to the last rewritten column. A rewriter that raises makes its cell
+    NULL (fail closed). ``rewriters`` must be sorted by ordinal. Returns (message, cells done).
+    """
+    try:
+        (ncols,) = _I16.unpack_from(buf, start + 5)
+        unpack = _I32.unpack_from
+        nformats = len(formats)
+        pos = start + 7
+        col = 0
+        seg = start + 5
+        parts: list[bytes] = []
+        done = 0
+        for ordinal, rewrite in rewriters:
+            if ordinal >= ncols:
+                break
+            while col < ordinal:  # skip untouched columns: they are copied as one slice
+                (length,) = unpack(buf, pos)
+                pos += 4 if length < 0 else 4 + length
+                col += 1
+            (length,) = unpack(buf, pos)
+            if length < 0:
+                value, nxt = None, pos + 4
+            else:
+                nxt = pos + 4 + length
+                value = buf[pos + 4 : nxt]
+            try:
+                new = rewrite(value, formats[ordinal] if ordinal < nformats else 0)
+            except Exception:
+                new = None  # fail closed: the cell becomes NULL
+            parts.append(buf[seg:pos])
+            parts.append(_NULL if new is None else _I32.pack(len(new)) + new)
+            pos = seg = nxt
+            col += 1
+            done += 1
+    except struct.error:
+        raise PeerProtocolError("DataRow is shorter than its fields") from None
+    if seg > end or end - start < 7:
+        raise PeerProtocolError("DataRow has an invalid value length")
+    parts.append(buf[seg:end])
+    body = b"".join(parts)
+    return b"D" + _U32.pack(len(body) + 4) + body, done
 
 
 class Relay:
@@ -854,16 +885,9 @@ class Relay:
         if limit is not None and head.rows > limit:
             self._stop(head, _row_limit_error(limit), over_limit=True)
             return
-        values = split_row(memoryview(chunk)[start + 5 : end])
-        for ordinal, rewrite in plan.rewriters.items():
-            if ordinal < len(values):
-                try:
-                    fmt = head.formats[ordinal] if ordinal < len(head.formats) else 0
-                    values[ordinal] = rewrite(values[ordinal], fmt)
-                except Exception:
-                    values[ordinal] = None  # fail closed: the cell becomes NULL
-                head.masked += 1
-        self.to_client += m.encode_data_row(values)
+        row, done = rewrite_data_row(chunk, start, end, plan.ordered, head.formats)
+        head.masked += done
+        self.to_client += row
 
     def _stop(self, head: _Pending, error: bytes, *, over_limit: bool = False) -> None:
         """Cut a result short with ``error``; drop what remains of it."""
