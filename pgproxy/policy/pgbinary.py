@@ -211,8 +211,9 @@ def year_start(type_oid: int, data: bytes, fmt: int, clamp_year: int | None = No
     """A date/timestamp/timestamptz cut to January 1st 00:00 of its year, same type and format.
 
     ``clamp_year``: years before it become it (Safe Harbor's "ages over 89" rule for birth dates).
-    Text format: ISO DateStyle only; timestamptz keeps its printed UTC offset, which stays a valid
-    literal. Binary: timestamptz is cut in UTC. Infinite values pass unchanged.
+    Text format: ISO DateStyle only. timestamptz is cut in UTC in both formats (written with
+    offset +00 in text), so the original's offset cannot show through. Infinite values pass
+    unchanged.
     """
     if type_oid not in DATETIMES:
         raise ValueError("not a date/time type")
@@ -257,14 +258,27 @@ def _year_start_text(type_oid: int, text: str, clamp_year: int | None) -> bytes:
     dt.date(2000, int(m["month"]), int(m["day"]))  # a real month/day (2000 is a leap year)
     bc = bool(m["bc"])
     year = int(m["year"])
+    if has_offset and not bc and year <= 9999:
+        # cut in UTC, as the binary form is: the printed offset (daylight saving or not) is
+        # itself a date element and must not survive
+        year = _utc_year(m, year)
     if clamp_year is not None and (bc or year < clamp_year):
         year, bc = clamp_year, False
     out = f"{year:04d}-01-01"
     if has_time:
-        out += " 00:00:00" + (m["offset"] or "")
+        out += " 00:00:00" + ("+00" if has_offset else "")
     if bc:
         out += " BC"
     return out.encode("ascii")
+
+
+def _utc_year(m: re.Match[str], year: int) -> int:
+    hh, mm, ss = (int(x) for x in m["time"][:8].split(":"))
+    sign = -1 if m["offset"][0] == "-" else 1
+    parts = [int(x) for x in m["offset"][1:].split(":")] + [0, 0]
+    offset = dt.timedelta(hours=parts[0], minutes=parts[1], seconds=parts[2])
+    local = dt.datetime(year, int(m["month"]), int(m["day"]), hh, mm, ss)
+    return (local - sign * offset).year
 
 
 _YEAR_IN_TEXT = re.compile(r"(?<!\d)(\d{4})(?!\d)")

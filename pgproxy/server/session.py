@@ -124,6 +124,10 @@ class ClientSession:
         except Disconnect:
             pass
         except PeerProtocolError as exc:
+            if self.relay is None and self.info.agent and self.info.identity is None:
+                # a login that broke the protocol is a failed login, and audited as one
+                with contextlib.suppress(Exception):
+                    await self._audit_auth(f"protocol violation ({exc.sqlstate})")
             await self._fatal(exc.sqlstate, exc.message)
         except (ConnectionError, asyncio.IncompleteReadError, TimeoutError, ssl.SSLError):
             pass

@@ -335,7 +335,9 @@ def test_the_parser_and_the_server_always_read_literals_alike(hop: CaptureHop) -
     than pglast does and run what pglast took for a literal. The setting is pinned on."""
     attack = "SELECT 'a\\'' , ssn FROM patients --'"
     dsn = dsn_for(hop)
-    with psycopg.connect(dsn, autocommit=True, options="-c standard_conforming_strings=off") as conn:
+    with psycopg.connect(
+        dsn, autocommit=True, options="-c standard_conforming_strings=off"
+    ) as conn:
         assert conn.execute("SHOW standard_conforming_strings").fetchone() == ("on",)
         for sql in (
             "SET standard_conforming_strings = off",

@@ -159,11 +159,17 @@ def test_timestamptz_binary_is_cut_in_utc(tag: str) -> None:
 
 
 @pytest.mark.parametrize("offset", ["+00", "+02", "-05", "+05:30", "-03:30:15"])
-def test_timestamptz_text_keeps_a_valid_offset(offset: str) -> None:
+def test_timestamptz_text_is_cut_in_utc_whatever_the_offset(offset: str) -> None:
     data = f"1987-06-05 14:30:00.5{offset}".encode()
     out = CATALOG.rewriter("date", field(Oid.TIMESTAMPTZ))(data, TEXT)
-    assert out == f"1987-01-01 00:00:00{offset}".encode()
-    assert load(Oid.TIMESTAMPTZ, out, TEXT).year in (1986, 1987)  # parses as a timestamptz
+    assert out == b"1987-01-01 00:00:00+00"  # the offset (DST or not) does not show through
+    assert load(Oid.TIMESTAMPTZ, out, TEXT) == dt.datetime(1987, 1, 1, tzinfo=dt.UTC)
+
+
+def test_timestamptz_text_takes_the_year_of_the_utc_instant() -> None:
+    data = b"2021-12-31 22:00:00-05"  # 2022-01-01 03:00 UTC
+    out = CATALOG.rewriter("date", field(Oid.TIMESTAMPTZ))(data, TEXT)
+    assert out == b"2022-01-01 00:00:00+00"
 
 
 @pytest.mark.parametrize(
