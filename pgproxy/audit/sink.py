@@ -334,8 +334,10 @@ class DuckDBSink:
     def _open(self) -> None:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            # one thread: the audit must not compete with the proxy for the cores
-            conn = duckdb.connect(str(self.path), config={"threads": 1, "memory_limit": "32MB"})
+            # one thread: the audit must not compete with the proxy for the cores. No memory
+            # limit: a capped DuckDB fails large batches (out of memory), and a failing writer
+            # stops every session (records wait, fail closed).
+            conn = duckdb.connect(str(self.path), config={"threads": 1})
         except (duckdb.Error, OSError) as exc:
             raise AuditUnavailable(f"cannot open audit file {self.path}: {exc}") from exc
         try:

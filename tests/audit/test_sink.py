@@ -294,3 +294,27 @@ async def test_policy_event_roundtrip_and_views(tmp_path: Path) -> None:
         assert conn.execute("SELECT ts, event, detail FROM policy_events").fetchall() == [
             (T0.replace(tzinfo=None), "loaded", "3 files")
         ]
+
+
+async def test_a_large_backlog_is_written_without_degrading(tmp_path: Path) -> None:
+    """A burst far larger than one batch (queue full, emitters waiting) is written whole: the
+    writer must not fail big batches (a capped DuckDB once did, and stalled every session)."""
+    n = 300_000
+    async with DuckDBSink(tmp_path / "a.duckdb", signing_key=KEY) as sink:
+        for i in range(n):
+            await sink.emit(
+                stmt(
+                    f"s{i:09d}",
+                    session_id=f"sess-{i % 64}",
+                    reasons=("masked by tag ssn", "no tagged column shapes the rows"),
+                    relations=("public.patients",),
+                    columns=("public.patients.ssn", "public.patients.first_name"),
+                    tags=("name", "ssn"),
+                    masked_columns=("1:ssn:ssn:replace", "0:first_name:name:replace"),
+                    rows=i % 100,
+                )
+            )
+        assert not sink.degraded, sink.last_error
+    with duckdb.connect(str(tmp_path / "a.duckdb"), read_only=True) as conn:
+        assert conn.execute("SELECT count(*) FROM statements").fetchone() == (n,)
+    assert verify(tmp_path / "a.duckdb", KEY).ok
