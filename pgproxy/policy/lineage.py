@@ -269,17 +269,7 @@ class _Walker:
             raise LineageError("SELECT INTO creates a table")
         scope = self._with(sel, outer)
         self._from(sel, scope)
-        outputs: list[tuple[str, Flow]] = []
-        for proj in sel.expressions:
-            if isinstance(proj, exp.Star):
-                outputs.extend(scope.star)
-            elif isinstance(proj, exp.Column) and isinstance(proj.this, exp.Star):
-                src = scope.source(ident(proj.args.get("table")))
-                if src is None:
-                    raise LineageError("star of an unknown source")
-                outputs.extend(src.columns)
-            else:
-                outputs.append((_output_name(proj), self.expr(proj, scope)))
+        outputs = self._projections(sel.expressions, scope)
         where = _arg(sel, "where")
         if where is not None:
             self._where(where.this, scope)
@@ -623,8 +613,14 @@ class _Walker:
         ret = _arg(w, "returning")
         if ret is None:
             return []
+        return self._projections(ret.expressions, scope)
+
+    def _projections(
+        self, projections: list[exp.Expression], scope: _Scope
+    ) -> list[tuple[str, Flow]]:
+        """Output columns of a target list (SELECT or RETURNING), stars expanded."""
         outputs: list[tuple[str, Flow]] = []
-        for proj in ret.expressions:
+        for proj in projections:
             if isinstance(proj, exp.Star):
                 outputs.extend(scope.star)
             elif isinstance(proj, exp.Column) and isinstance(proj.this, exp.Star):

@@ -110,3 +110,23 @@ def running_proxy(pg_dsn: str, rules_dir: Path) -> Iterator[RunningProxy]:
         yield RunningProxy(thread.proxy, thread.host, thread.port, thread.loop, audit)
     finally:
         thread.stop()
+
+
+def policy_proxy(upstream_dsn: str, rules_dir: Path, **proxy_kw: object) -> ProxyThread:
+    """A started proxy with the real policy (catalog read from ``upstream_dsn``) on a thread."""
+    from pgproxy.server.policy_hub import PolicyHub
+
+    rules = load_rules(rules_dir)
+    hub = PolicyHub(rules, upstream_dsn)
+    proxy = Proxy(
+        ProxyConfig(upstream=parse_dsn(upstream_dsn), port=0),
+        rules,
+        policy_factory=hub.session_policy,
+        **proxy_kw,  # type: ignore[arg-type]
+    )
+    proxy.after_ddl = hub.schedule_refresh
+    proxy.estimate = hub.estimate_rows  # as ``pgproxy serve`` wires it
+    proxy.closers.append(hub.close)
+    thread = ProxyThread(proxy)
+    assert asyncio.run_coroutine_threadsafe(hub.refresh(), thread.loop).result(30)
+    return thread

@@ -4,7 +4,6 @@ approved bulk export returns every row — still masked."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,12 +11,9 @@ import psycopg
 import pytest
 
 from pgproxy.protocol.relay import HoldRequested
-from pgproxy.rules import load_rules
 from pgproxy.server.holds import HoldContext, HoldOutcome
-from pgproxy.server.policy_hub import PolicyHub
-from pgproxy.server.proxy import Proxy, ProxyConfig
-from pgproxy.server.upstream import parse_dsn
 from tests.integration.conftest import ProxyThread
+from tests.integration.conftest import policy_proxy as start_policy_proxy
 
 DB = "pgproxy_bulk_test"
 ROWS = 40
@@ -70,19 +66,9 @@ def bulk_db(pg_cluster: object, pg_dsn: str) -> str:
 
 def _proxy(dsn: str, root: Path, reviewer: Reviewer, estimates: bool) -> ProxyThread:
     (root / "rules.yaml").write_text(RULES)
-    rules = load_rules(root)
-    hub = PolicyHub(rules, dsn)
-    proxy = Proxy(
-        ProxyConfig(upstream=parse_dsn(dsn), port=0),
-        rules,
-        policy_factory=hub.session_policy,
-        holds=reviewer,
-    )
-    if estimates:
-        proxy.estimate = hub.estimate_rows
-    proxy.closers.append(hub.close)
-    thread = ProxyThread(proxy)
-    assert asyncio.run_coroutine_threadsafe(hub.refresh(), thread.loop).result(30)
+    thread = start_policy_proxy(dsn, root, holds=reviewer)
+    if not estimates:
+        thread.proxy.estimate = None
     return thread
 
 

@@ -19,13 +19,10 @@ import psycopg
 import pytest
 
 from pgproxy.protocol.relay import HoldRequested
-from pgproxy.rules import load_rules
 from pgproxy.server.holds import HoldContext, HoldOutcome
-from pgproxy.server.policy_hub import PolicyHub
-from pgproxy.server.proxy import Proxy, ProxyConfig
-from pgproxy.server.upstream import parse_dsn
 from tests.integration.capture import CaptureHop
 from tests.integration.conftest import ProxyThread
+from tests.integration.conftest import policy_proxy as start_policy_proxy
 
 DB = "pgproxy_phi_test"
 PATIENTS = [
@@ -88,17 +85,7 @@ def phi_db(pg_cluster: object, pg_dsn: str) -> Iterator[str]:
 def policy_proxy(phi_db: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyThread]:
     rules_dir: Path = tmp_path_factory.mktemp("phi-rules")
     (rules_dir / "rules.yaml").write_text(RULES)
-    rules = load_rules(rules_dir)
-    hub = PolicyHub(rules, phi_db)
-    proxy = Proxy(
-        ProxyConfig(upstream=parse_dsn(phi_db), port=0),
-        rules,
-        policy_factory=hub.session_policy,
-    )
-    proxy.after_ddl = hub.schedule_refresh
-    proxy.closers.append(hub.close)
-    thread = ProxyThread(proxy)
-    assert asyncio.run_coroutine_threadsafe(hub.refresh(), thread.loop).result(30)
+    thread = start_policy_proxy(phi_db, rules_dir)
     try:
         yield thread
     finally:
@@ -283,16 +270,7 @@ class _ApproveEverything:
 def approving_proxy(phi_db: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyThread]:
     rules_dir: Path = tmp_path_factory.mktemp("phi-rules-approve")
     (rules_dir / "rules.yaml").write_text(RULES)
-    rules = load_rules(rules_dir)
-    hub = PolicyHub(rules, phi_db)
-    proxy = Proxy(
-        ProxyConfig(upstream=parse_dsn(phi_db), port=0),
-        rules,
-        policy_factory=hub.session_policy,
-        holds=_ApproveEverything(),
-    )
-    thread = ProxyThread(proxy)
-    assert asyncio.run_coroutine_threadsafe(hub.refresh(), thread.loop).result(30)
+    thread = start_policy_proxy(phi_db, rules_dir, holds=_ApproveEverything())
     try:
         yield thread
     finally:
