@@ -20,7 +20,7 @@ from pgproxy.pgcluster import ClusterUnavailable, find_bindir
 ROOT = Path(__file__).resolve().parent.parent
 RUN = ROOT / "benchmarks" / "run.py"
 
-#: the measurements the brief asks for, as the table labels them
+#: the measurements the benchmark must report, as the table labels them
 ROWS = (
     "TPS pgbench -S -c 8 -j 2",
     "latency -c 1 -M simple",
