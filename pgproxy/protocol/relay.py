@@ -318,6 +318,11 @@ class Relay:
         self.estimate_bulk = False
         #: statements whose result was stopped at the row limit: running one again asks
         self._over_limit: set[str] = set()
+        #: a row-limited Execute whose outcome later client messages wait for
+        self._gate: _Pending | None = None
+        self._ungate = False
+        #: a stop told the client of an error the server never had: fail before the next Sync
+        self._poison_before_sync = False
         #: statements the planner estimated under the limit (bounded)
         self._estimated: dict[str, None] = {}
 
@@ -325,12 +330,13 @@ class Relay:
 
     @property
     def holding(self) -> bool:
-        return self._held is not None
+        """Client bytes are being kept back (a held statement, or a row-limited Execute)."""
+        return self._held is not None or self._gate is not None
 
     def client_data(self, data: bytes) -> None:
         """Bytes from the agent."""
         self.stats.bytes_from_client += len(data)
-        if self._held is not None:
+        if self._held is not None or self._gate is not None:
             self._deferred += data
             return
         try:
@@ -344,6 +350,12 @@ class Relay:
         run_start = -1  # start of a run of frames forwarded unchanged
         for i in range(first, len(frames)):
             tag, start, end = frames[i]
+            if self._gate is not None:
+                # a row-limited Execute runs alone: what follows waits for its outcome
+                if run_start >= 0:
+                    out += chunk[run_start:start]
+                self._defer(chunk, frames, i)
+                return
             if self._client_skip_to_sync and tag != F_SYNC:
                 if run_start >= 0:
                     out += chunk[run_start:start]
@@ -368,6 +380,13 @@ class Relay:
                 run_start = -1
             if tag == F_SYNC:
                 self._client_skip_to_sync = False
+                if self._poison_before_sync:
+                    # the client was told of an error the server never had: give it one, so
+                    # the server skips to this Sync and aborts the transaction as the client
+                    # now believes it did
+                    self._poison_before_sync = False
+                    out += m.Parse("", BLOCKED_SQL).encode()
+                    self._pending.append(_Pending(_PARSE, internal=True))
                 self._pending.append(_Pending(_SYNC))
                 out += chunk[start:end]
             elif tag == F_QUERY:
@@ -556,7 +575,14 @@ class Relay:
             portal.described = True
         self.to_server += raw
         sql = portal.statement.sql if portal.statement is not None else ""
-        self._pending.append(_Pending(_EXECUTE, verdict, sid, portal=portal, sql=sql))
+        pending = _Pending(_EXECUTE, verdict, sid, portal=portal, sql=sql)
+        self._pending.append(pending)
+        if _row_limit(verdict) is not None:
+            # its rows may be stopped at the limit; nothing pipelined behind it may run before
+            # that is known, so send no more until it completes (Flush: the server sends its
+            # result without waiting for a Sync)
+            self.to_server += m.Flush().encode()
+            self._gate = pending
 
     def _on_function(self, chunk: bytes, start: int, end: int) -> None:
         msg = m.FunctionCall.decode(memoryview(chunk)[start + 5 : end])
@@ -647,13 +673,20 @@ class Relay:
     # ----------------------------------------------------------------------- server side
 
     def server_data(self, data: bytes) -> None:
-        """Bytes from Postgres."""
+        """Bytes from Postgres (may queue client messages that were waiting into to_server)."""
         try:
             chunk, frames = self._server.feed(data)
             if frames:
                 self._server_frames(chunk, frames)
         except PeerProtocolError as exc:
             self._violation(f"upstream: {exc.message}", exc.sqlstate, by_client=False)
+            return
+        if self._ungate and self._held is None:
+            self._ungate = False
+            deferred = bytes(self._deferred)
+            self._deferred.clear()
+            if deferred:
+                self.client_data_resume(deferred)
 
     def _server_frames(self, chunk: bytes, frames: list[tuple[int, int, int]]) -> None:
         out = self.to_client
@@ -904,6 +937,7 @@ class Relay:
                 p.stopped = True
             if not any(p.kind == _SYNC for p in self._pending):
                 self._client_skip_to_sync = True
+                self._poison_before_sync = True
 
     def _on_error(self, raw: bytes, body: memoryview, head: _Pending) -> None:
         if head.replace_error is not None:
@@ -966,6 +1000,9 @@ class Relay:
         )
 
     def _finish(self, p: _Pending) -> None:
+        if p is self._gate:
+            self._gate = None
+            self._ungate = True
         if p.finished or p.statement_id == 0 or p.verdict is None:
             p.finished = True
             return

@@ -408,6 +408,9 @@ class ClientSession:
                 return
             relay.server_data(data)
             await self._after_feed()  # this writes what the relay queued for the client
+            if relay.to_server:  # client messages that waited for this answer
+                self.upstream.writer.write(bytes(relay.to_server))
+                relay.to_server.clear()
             # backpressure: read no more from Postgres while the agent is not keeping up
             await writer.drain()
             if relay.closed:

@@ -9,8 +9,6 @@ Postgres gives (the golden vectors show the same shapes); in particular a substi
 
 from __future__ import annotations
 
-import pytest
-
 from pgproxy.protocol import messages as m
 from pgproxy.protocol.relay import BLOCKED_SQL, StatementFinished
 from tests.protocol.helpers import (
@@ -766,10 +764,12 @@ def test_max_rows_stops_a_simple_query_with_42501() -> None:
 
 def test_max_rows_with_rewriting_stops_an_extended_query() -> None:
     relay = relay_with(FakePolicy({SELECT: mask(MaskColumn(max_rows=1))}))
+    ext = extended(SELECT)
     play(
         relay,
         [
-            client(*extended(SELECT)),
+            # a row-limited Execute runs alone: Flush instead of the client's Sync, for now
+            client(*ext, upstream=[*ext[:-1], m.Flush()]),
             server(
                 PC,
                 BC,
@@ -778,16 +778,11 @@ def test_max_rows_with_rewriting_stops_an_extended_query() -> None:
                 row(2),
                 row(3),
                 done("SELECT 3"),
-                IDLE,
-                downstream=[
-                    PC,
-                    BC,
-                    RD,
-                    row(1, "masked-fmt0"),
-                    Err("42501", "more than 1 rows"),
-                    IDLE,
-                ],
+                downstream=[PC, BC, RD, row(1, "masked-fmt0"), Err("42501", "more than 1 rows")],
+                # the server is made to fail too, then gets the client's Sync
+                upstream=[m.Parse("", BLOCKED_SQL), m.Sync()],
             ),
+            server(SYNTAX_ERROR, IDLE, downstream=[IDLE]),
         ],
     )
     play(relay, extended_select_works(2))
@@ -1007,12 +1002,13 @@ def test_mask_multi_statement_query_plans_each_result() -> None:
 
 def test_row_limit_stop_before_sync_drops_client_messages_until_sync() -> None:
     """The client was sent an error mid-Execute, so it expects its next messages to be skipped
-    up to Sync; the relay must not run them upstream."""
+    up to Sync; the relay must not run them upstream, and fails the server before that Sync."""
     relay = relay_with(FakePolicy({SELECT: mask(RowLimit(1))}))
+    ext = extended(SELECT, sync=False)
     play(
         relay,
         [
-            client(*extended(SELECT, sync=False), m.Flush()),
+            client(*ext, m.Flush(), upstream=[*ext, m.Flush()]),
             server(
                 PC,
                 BC,
@@ -1021,51 +1017,54 @@ def test_row_limit_stop_before_sync_drops_client_messages_until_sync() -> None:
                 row(2),
                 done("SELECT 2"),
                 downstream=[PC, BC, RD, row(1), Err("42501", "more than 1 rows")],
+                upstream=[],
             ),
             client(
                 *extended("INSERT INTO fake_patients VALUES (9)", sync=False),
                 m.Sync(),
-                upstream=[m.Sync()],
+                upstream=[m.Parse("", BLOCKED_SQL), m.Sync()],
                 events=[],
             ),
-            server(IDLE, events=[]),
+            server(SYNTAX_ERROR, IDLE, downstream=[IDLE], events=[]),
             *extended_select_works(2),
         ],
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a row-limit stop cannot recall statements already pipelined behind it: they run "
-    "upstream (and commit at Sync) while the client is told they were skipped",
-)
 def test_statements_pipelined_behind_a_row_limit_stop_do_not_run_silently() -> None:
+    """A row-limited Execute runs alone: what the client pipelined behind it waits for its
+    outcome, and after a stop it is skipped to the Sync — on the server too, which is made to
+    fail before the Sync so that it aborts the transaction just as the client believes."""
     insert = "INSERT INTO fake_patients VALUES (9)"
     relay = relay_with(FakePolicy({SELECT: mask(RowLimit(1))}))
     relay.client_data(
         wire([*extended(SELECT, sync=False), *extended(insert, sync=False), m.Sync()])
     )
-    relay.server_data(
-        wire(
-            [
-                PC,
-                BC,
-                RD,
-                row(1),
-                row(2),
-                done("SELECT 2"),
-                PC,
-                BC,
-                m.NoData(),
-                done("INSERT 0 1"),
-                IDLE,
-            ]
-        )
+    sent = describe(bytes(relay.to_server), backend=False)
+    relay.to_server.clear()
+    assert sent[-1] == "Flush()" and not any(insert in x for x in sent)
+    relay.server_data(wire([PC, BC, RD, row(1), row(2), done("SELECT 2")]))
+    # the stop: the client is told, the INSERT is never sent, the server gets a failing Parse
+    sent = describe(bytes(relay.to_server), backend=False)
+    assert not any(insert in x for x in sent)
+    assert sent == [repr(m.Parse("", BLOCKED_SQL)), "Sync()"]
+    relay.server_data(wire([SYNTAX_ERROR, IN_TXN.__class__(b"E")]))
+    got = describe(bytes(relay.to_client), backend=True)
+    assert sum("42501" in x for x in got) == 1 and got[-1] == repr(FAILED)
+    assert not any(
+        isinstance(e, StatementFinished) and not e.sqlstate and e.statement_id > 1
+        for e in relay.events
     )
-    told = [x for x in describe(bytes(relay.to_client), backend=True) if "CommandComplete" in x]
-    ran_ok = [e for e in relay.events if isinstance(e, StatementFinished) and not e.sqlstate]
-    # every statement the server completed successfully must have been reported to the client
-    assert len(told) == len(ran_ok)
+
+
+def test_a_row_limited_execute_that_stays_under_the_limit_releases_the_pipeline() -> None:
+    relay = relay_with(FakePolicy({SELECT: mask(RowLimit(5))}))
+    relay.client_data(wire([*extended(SELECT, sync=False), *extended("SELECT 1")]))
+    assert describe(bytes(relay.to_server), backend=False)[-1] == "Flush()"
+    relay.to_server.clear()
+    relay.server_data(wire([PC, BC, RD, row(1), done("SELECT 1")]))
+    sent = describe(bytes(relay.to_server), backend=False)
+    assert any("SELECT 1" in x for x in sent) and sent[-1] == "Sync()"
 
 
 def test_rows_nobody_asked_for_are_a_protocol_violation() -> None:
