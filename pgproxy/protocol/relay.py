@@ -216,7 +216,6 @@ class RelayStats:
     bytes_to_client: int = 0
     statements: int = 0
     masked_cells: int = 0
-    counts: dict[str, int] = field(default_factory=dict)
 
 
 def _field_info(f: m.Field, fmt: int) -> FieldInfo:
@@ -313,7 +312,6 @@ class Relay:
         self._deferred = bytearray()
         #: the client must not see the server's answers again before the next Sync
         self._client_skip_to_sync = False
-        self._in_copy_in = False
         #: ask for a planner estimate before running row-limited simple queries
         self.estimate_bulk = False
         #: statements whose result was stopped at the row limit: running one again asks
@@ -369,8 +367,6 @@ class Relay:
                     self._on_describe(chunk, start, end)
                 elif tag == F_CLOSE:
                     self._pending.append(_Pending(_CLOSE))
-                elif tag in (F_COPY_DONE, F_COPY_FAIL):
-                    self._in_copy_in = False
                 if run_start < 0:
                     run_start = start
                 continue
@@ -438,8 +434,6 @@ class Relay:
     def _admit(self, sql: str, verdict: Verdict, origin: str) -> int:
         sid = next(self._ids)
         self.stats.statements += 1
-        key = verdict.action.value
-        self.stats.counts[key] = self.stats.counts.get(key, 0) + 1
         self.events.append(StatementAdmitted(sid, sql, verdict, origin, self._decided_in))
         self._decided_in = 0.0
         return sid

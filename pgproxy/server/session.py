@@ -18,7 +18,7 @@ import secrets
 import ssl
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
@@ -587,6 +587,3 @@ class ClientSession:
 
 def new_backend_key() -> tuple[int, int]:
     return secrets.randbelow(2**31 - 1) + 1, secrets.randbits(31)
-
-
-Acceptor = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
