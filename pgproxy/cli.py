@@ -58,6 +58,18 @@ def _serve_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--approvals-db", dest="approvals_db", help="approval store (SQLite file)")
     p.add_argument("--audit-key", dest="audit_key", help="key that signs audit checkpoints")
     p.add_argument("--audit-export", dest="audit_export", help="directory for Parquet exports")
+    p.add_argument(
+        "--audit-flush-seconds",
+        dest="audit_flush_seconds",
+        type=float,
+        help="ordinary audit records are on disk within this many seconds (default 1)",
+    )
+    p.add_argument(
+        "--audit-on-full",
+        dest="audit_on_full",
+        choices=["wait", "spill"],
+        help="audit queue full: statements wait (default), or records spill to <audit>.spill/",
+    )
     p.add_argument("--webhook-url", dest="webhook_url", help="also POST approval requests here")
     p.add_argument(
         "--reviewer-tokens", dest="reviewer_tokens", help="YAML reviewer: token for the JSON API"

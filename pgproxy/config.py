@@ -36,6 +36,7 @@ class Settings:
     audit_key: str | None = None
     audit_export: str | None = None
     audit_flush_seconds: float = 1.0
+    audit_on_full: str = "wait"
     max_message_size: int = 1 << 30
     drain_seconds: float = 10.0
     log_format: str = "text"
@@ -129,6 +130,8 @@ def load_settings(
         reviewer_tokens(settings)  # validates the file early
     settings.listen_addr  # noqa: B018  (validates)
     settings.http_addr  # noqa: B018
+    if settings.audit_on_full not in ("wait", "spill"):
+        raise ConfigError("--audit-on-full: expected wait or spill")
     if (settings.tls_cert is None) != (settings.tls_key is None):
         raise ConfigError("--tls-cert and --tls-key go together")
     return settings

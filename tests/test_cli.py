@@ -95,6 +95,9 @@ def test_settings_precedence(tmp_path: Path) -> None:
         load_settings({}, environ={}, config_file=str(cfg))
     with pytest.raises(ConfigError, match="HOST:PORT"):
         load_settings({"listen": "nope"}, environ={})
+    with pytest.raises(ConfigError, match="wait or spill"):
+        load_settings({}, environ={"PGPROXY_AUDIT_ON_FULL": "drop"})
+    assert load_settings({"audit_flush_seconds": "0.2"}, environ={}).audit_flush_seconds == 0.2
 
 
 def test_serve_without_upstream_is_a_clear_error(tmp_path: Path) -> None:

@@ -115,6 +115,8 @@ async def build(settings: Settings) -> Runtime:
         settings.audit,
         signing_key=key,
         flush_interval=settings.audit_flush_seconds,
+        on_full="spill" if settings.audit_on_full == "spill" else "wait",
+        spill_dir=f"{settings.audit}.spill" if settings.audit_on_full == "spill" else None,
         export_dir=settings.audit_export,
     )
     try:

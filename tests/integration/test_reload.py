@@ -113,6 +113,7 @@ def served(pg_dsn: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Se
     proc = subprocess.Popen(
         [sys.executable, "-m", "pgproxy", "serve", "--listen", f"127.0.0.1:{port}",
          "--rules", str(rules), "--audit", str(root / "audit.duckdb"),
+         "--audit-on-full", "spill", "--audit-flush-seconds", "0.5",
          "--http", f"127.0.0.1:{http}", "--drain-seconds", "2"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
     )  # fmt: skip
