@@ -40,8 +40,6 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from pgproxy.pgcluster import free_port
-
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
@@ -51,10 +49,9 @@ from run import (  # noqa: E402  (benchmarks/ is a folder of scripts, not a pack
     Database,
     Service,
     postgres,
-    spawn,
+    start_pgproxy,
     stop,
     summarize_profile,
-    wait_listening,
 )
 
 MASKED, PLAIN = "bench_people_masked", "bench_people_plain"
@@ -111,22 +108,8 @@ def rules_yaml(role: str) -> str:
     )
 
 
-def start_pgproxy(db: Database, work: Path) -> Service:
-    rules = work / "rules"
-    rules.mkdir()
-    (rules / "bench.yaml").write_text(rules_yaml(db.role))
-    upstream = f"postgresql://{db.role}:{PASSWORD}@{db.host}:{db.port}/{db.db}?sslmode=disable"
-    log = work / "pgproxy.log"
-    cmd = [sys.executable, "-m", "pgproxy", "serve", "--upstream", upstream,
-           "--rules", str(rules), "--listen", "127.0.0.1:0",
-           "--http", f"127.0.0.1:{free_port()}", "--audit", str(work / "audit.duckdb")]  # fmt: skip
-    proc = spawn(cmd, log, work)
-    try:
-        port = wait_listening(proc, log)
-    except BaseException:
-        stop(Service("pgproxy", 0, proc))
-        raise
-    return Service("pgproxy", port, proc, log, version="python -m pgproxy serve (3 tagged columns)")
+def start_masking_pgproxy(db: Database, work: Path) -> Service:
+    return start_pgproxy(db, work, rules_yaml(db.role), "3 tagged columns")
 
 
 def check_first_row(case: Case, row: tuple[object, ...]) -> None:
@@ -204,7 +187,7 @@ def run(args: argparse.Namespace) -> tuple[dict[str, list[Sample]], dict[str, st
                 print(f"creating 2 x {args.rows:,} rows", file=sys.stderr, flush=True)
                 with direct.psycopg() as c:
                     c.execute(_CREATE.format(rows=args.rows).encode())
-                service = start_pgproxy(db, work)
+                service = start_masking_pgproxy(db, work)
                 proxied = Conn("127.0.0.1", service.port, db.role, db.db)
                 conns = {"direct": direct, "pgproxy": proxied}
                 pids = {"direct": None, "pgproxy": service.proc.pid if service.proc else None}

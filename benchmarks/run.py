@@ -208,12 +208,16 @@ def start_relay(pg: Database, work: Path, mode: str) -> Service:
     return Service("relay", port, proc, log, version=f"relay.py --mode {mode}")
 
 
-def start_pgproxy(pg: Database, work: Path) -> Service:
+def start_pgproxy(
+    pg: Database, work: Path, rules_text: str | None = None, label: str = "allow-all"
+) -> Service:
+    """``pgproxy serve`` in front of ``pg``; the default rules tag nothing and hold nothing."""
     role, db = pg.role, pg.db
     rules = work / "rules"
     rules.mkdir()
     (rules / "bench.yaml").write_text(
-        f'agents:\n  - name: {role}\n    password: "{PASSWORD}"\napprovals:\n  hold: []\n'
+        rules_text
+        or f'agents:\n  - name: {role}\n    password: "{PASSWORD}"\napprovals:\n  hold: []\n'
     )
     upstream = f"postgresql://{role}:{PASSWORD}@{pg.host}:{pg.port}/{db}?sslmode=disable"
     log = work / "pgproxy.log"
@@ -226,7 +230,7 @@ def start_pgproxy(pg: Database, work: Path) -> Service:
     except BaseException:
         stop(Service("pgproxy", 0, proc))
         raise
-    return Service("pgproxy", port, proc, log, version="python -m pgproxy serve (allow-all)")
+    return Service("pgproxy", port, proc, log, version=f"python -m pgproxy serve ({label})")
 
 
 def start_pgbouncer(pg: Database, work: Path) -> Service | str:
