@@ -30,6 +30,7 @@ from pgproxy.policy.seam import Action, SessionPolicy, Verdict
 from pgproxy.protocol import codes
 from pgproxy.protocol import messages as m
 from pgproxy.protocol.errors import PeerProtocolError
+from pgproxy.protocol.framing import FrameBuffer
 from pgproxy.protocol.relay import (
     HoldRequested,
     ProtocolViolation,
@@ -269,8 +270,6 @@ class ClientSession:
         return True
 
     async def _read_password(self, buf: bytearray) -> m.PasswordMessage:
-        from pgproxy.protocol.framing import FrameBuffer
-
         frames = FrameBuffer(1 << 16)
         while True:
             chunk, fr = frames.feed(bytes(buf))
