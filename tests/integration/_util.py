@@ -4,8 +4,10 @@ bounded polling, proxies with a different upstream, and authenticated raw-socket
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import socket
 import struct
+import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -165,3 +167,27 @@ def error_fields(body: bytes) -> dict[str, str]:
         if part:
             out[part[:1].decode()] = part[1:].decode()
     return out
+
+
+NODE_DIR = Path(__file__).parent / "node"
+
+
+def node_with_pg() -> str:
+    """The ``node`` executable, with node-postgres installed in ``NODE_DIR`` (npm install on
+    first use); skips the test with the reason when either is unavailable."""
+    import pytest
+
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if node is None or npm is None:
+        pytest.skip("node/npm are not installed")
+    if not (NODE_DIR / "node_modules" / "pg").is_dir():
+        try:
+            proc = subprocess.run(
+                [npm, "install", "--no-audit", "--no-fund", "--loglevel=error"],
+                cwd=NODE_DIR, capture_output=True, text=True, timeout=180,
+            )  # fmt: skip
+        except subprocess.TimeoutExpired:
+            pytest.skip("npm install timed out (offline?)")
+        if proc.returncode != 0:
+            pytest.skip(f"npm install failed (offline?): {proc.stderr.strip()[-300:]}")
+    return node

@@ -32,6 +32,7 @@ from pgproxy.rules import load_rules
 from pgproxy.server.policy_hub import PolicyHub
 from pgproxy.server.proxy import Proxy, ProxyConfig
 from pgproxy.server.upstream import parse_dsn
+from tests.integration._util import NODE_DIR, node_with_pg
 from tests.integration.capture import CaptureHop
 from tests.integration.conftest import ProxyThread
 
@@ -218,8 +219,6 @@ def test_pg8000_native(proxy: ProxyThread) -> None:
 
 # --------------------------------------------------------------------------- node-postgres
 
-NODE_DIR = Path(__file__).parent / "node"
-NODE, NPM = shutil.which("node"), shutil.which("npm")
 
 NODE_SCRIPT = r"""
 "use strict";
@@ -259,19 +258,7 @@ main().catch((err) => {
 
 @pytest.fixture(scope="module")
 def node_pg() -> str:
-    if NODE is None or NPM is None:
-        pytest.skip("node/npm are not installed")
-    if not (NODE_DIR / "node_modules" / "pg").is_dir():
-        try:
-            proc = subprocess.run(
-                [NPM, "install", "--no-audit", "--no-fund", "--loglevel=error"],
-                cwd=NODE_DIR, capture_output=True, text=True, timeout=180,
-            )  # fmt: skip
-        except subprocess.TimeoutExpired:
-            pytest.skip("npm install timed out (offline?)")
-        if proc.returncode != 0:
-            pytest.skip(f"npm install failed (offline?): {proc.stderr.strip()[-300:]}")
-    return NODE
+    return node_with_pg()
 
 
 def _node(node: str, host: str, port: int, user: str, password: str, sql: str) -> dict[str, Any]:

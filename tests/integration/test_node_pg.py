@@ -9,38 +9,21 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 
+from tests.integration._util import NODE_DIR, node_with_pg
 from tests.integration.conftest import AGENT, AGENT_PASSWORD, RunningProxy
-
-NODE_DIR = Path(__file__).parent / "node"
-NODE, NPM = shutil.which("node"), shutil.which("npm")
 
 
 @pytest.fixture(scope="module")
-def node_pg() -> Path:
-    if NODE is None or NPM is None:
-        pytest.skip("node/npm are not installed")
-    if not (NODE_DIR / "node_modules" / "pg").is_dir():
-        try:
-            proc = subprocess.run(
-                [NPM, "install", "--no-audit", "--no-fund", "--loglevel=error"],
-                cwd=NODE_DIR, capture_output=True, text=True, timeout=180,
-            )  # fmt: skip
-        except subprocess.TimeoutExpired:
-            pytest.skip("npm install timed out (offline?)")
-        if proc.returncode != 0:
-            pytest.skip(f"npm install failed (offline?): {proc.stderr.strip()[-300:]}")
-    return NODE_DIR / "query.js"
+def node_pg() -> str:
+    return node_with_pg()
 
 
 @pytest.mark.timeout(240)
-def test_node_postgres(node_pg: Path, running_proxy: RunningProxy) -> None:
-    assert NODE is not None
+def test_node_postgres(node_pg: str, running_proxy: RunningProxy) -> None:
     env = {
         **os.environ,
         "PGHOST": running_proxy.host,
@@ -49,7 +32,8 @@ def test_node_postgres(node_pg: Path, running_proxy: RunningProxy) -> None:
         "PGPASSWORD": AGENT_PASSWORD,
         "PGDATABASE": "postgres",
     }
-    proc = subprocess.run([NODE, str(node_pg)], capture_output=True, text=True, env=env, timeout=60)
+    script = str(NODE_DIR / "query.js")
+    proc = subprocess.run([node_pg, script], capture_output=True, text=True, env=env, timeout=60)
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert out["simple"] == {"answer": 42, "name": "Fake Name"}
