@@ -32,7 +32,7 @@ from pgproxy.policy.classify import Classified, ClassifyError, StatementClass, c
 from pgproxy.policy.functions import DENIED_RELATIONS, FunctionVerdict, is_denied, judge_builtin
 from pgproxy.policy.lineage import LineageError, StatementLineage, analyze
 from pgproxy.policy.operators import MaskCatalog
-from pgproxy.policy.redact import UNPARSEABLE, fingerprint, redact
+from pgproxy.policy.redact import fingerprint, redact
 from pgproxy.policy.seam import (
     PASS_COPY,
     PASS_ROWS,
@@ -46,6 +46,8 @@ from pgproxy.policy.seam import (
     StatementContext,
     Verdict,
 )
+from pgproxy.policy.shape import SHARED_CLASSES
+from pgproxy.policy.shape import key as shape_key
 from pgproxy.rules import Rules
 
 INTERNAL_ERROR = "internal policy error"
@@ -278,13 +280,9 @@ class StatementResults:
         return PASS_ROWS
 
 
-def _shape(sql: str) -> str | None:
-    """The statement with every literal replaced by a placeholder (None if it will not scan)."""
-    try:
-        shape = redact(sql)
-    except Exception:
-        return None
-    return None if shape == UNPARSEABLE else shape
+def _shareable(statement_class: str) -> bool:
+    """Whether a verdict may be reused for statements of the same shape (``shape``)."""
+    return all(k in SHARED_CLASSES for k in statement_class.split(";"))
 
 
 def _copy_options(node: Any) -> tuple[str, bool, str]:
@@ -404,12 +402,12 @@ class PolicyEngine:
         if hit is not None:
             self._cache.move_to_end(key)
             return hit
-        # Statements that differ only in their literals get the same decision: nothing here
-        # depends on a literal's value (COPY options are the exception, so COPY is not shared).
-        shape = _shape(sql)
-        shape_key = (shape or "", self.search_path, self.catalog.version, self.agent)
+        # Statements that differ only in literals the decision cannot depend on share it
+        # (see ``shape``: column positions such as ORDER BY 2 stay in the key).
+        shape = shape_key(sql)
+        skey = (shape or "", self.search_path, self.catalog.version, self.agent)
         if shape is not None:
-            hit = self._shapes.get(shape_key)
+            hit = self._shapes.get(skey)
             if hit is not None:
                 self._remember(key, hit)
                 return hit
@@ -425,8 +423,8 @@ class PolicyEngine:
             )
         if cacheable:
             self._remember(key, verdict)
-            if shape is not None and "copy" not in verdict.statement_class:
-                self._shapes[shape_key] = verdict
+            if shape is not None and _shareable(verdict.statement_class):
+                self._shapes[skey] = verdict
                 if len(self._shapes) > self._cache_size:
                     self._shapes.pop(next(iter(self._shapes)))
         return verdict

@@ -329,3 +329,14 @@ def test_the_parser_and_the_server_always_read_literals_alike(hop: CaptureHop) -
         assert rows  # one string literal, to the parser and to the server alike
         assert conn.execute("SHOW client_encoding").fetchone() == ("UTF8",)
     assert_no_phi(hop.snapshot())
+
+
+def test_a_column_position_is_decided_on_its_own(hop: CaptureHop) -> None:
+    """ORDER BY 2 after ORDER BY 1: one literal apart, but the second orders by the SSN."""
+    with psycopg.connect(dsn_for(hop), autocommit=True) as conn:
+        first = conn.execute("SELECT id, ssn FROM patients ORDER BY 1").fetchall()
+        assert [r[0] for r in first] == [1, 2]
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("SELECT id, ssn FROM patients ORDER BY 2").fetchall()
+        assert conn.execute("SELECT 40 + 2").fetchone() == (42,)
+    assert_no_phi(hop.snapshot())

@@ -456,12 +456,60 @@ def test_explain_text() -> None:
 
 def test_statements_differing_only_in_literals_share_one_decision() -> None:
     eng = engine()
-    first = eng.statement("SELECT ssn FROM patients WHERE id = 1", CTX)
-    again = eng.statement("SELECT ssn FROM patients WHERE id = 2", CTX)
+    first = eng.statement("SELECT ssn FROM patients WHERE id = 10001", CTX)
+    again = eng.statement("SELECT ssn FROM patients WHERE id = 99999", CTX)
     assert again is first  # decided once, by shape
+    quoted = eng.statement("SELECT ssn FROM patients WHERE id = '3' /* x */", CTX)
+    assert eng.statement("SELECT ssn FROM patients WHERE id = '4' /* y */", CTX) is quoted
     other = eng.statement("SELECT first_name FROM patients WHERE id = 2", CTX)
     assert other is not first
     # COPY options are literals that change the decision: never shared by shape
     csv = eng.statement("COPY (SELECT ssn FROM patients) TO STDOUT (FORMAT 'csv')", CTX)
     binary = eng.statement("COPY (SELECT ssn FROM patients) TO STDOUT (FORMAT 'binary')", CTX)
     assert csv.action is not Action.BLOCK and binary.action is Action.BLOCK
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "expected"),
+    [
+        # a column position is a literal that changes what the statement orders or groups by
+        (
+            "SELECT ssn, id FROM patients ORDER BY 2",
+            "SELECT ssn, id FROM patients ORDER BY 1",
+            Action.HOLD,
+        ),
+        (
+            "SELECT ssn, id FROM patients GROUP BY 2",
+            "SELECT ssn, id FROM patients GROUP BY 1",
+            Action.HOLD,
+        ),
+        (
+            "SELECT DISTINCT ON (2) ssn, id FROM patients",
+            "SELECT DISTINCT ON (1) ssn, id FROM patients",
+            Action.HOLD,
+        ),
+        (
+            "SELECT ssn, id FROM patients ORDER BY 2 -- c",
+            "SELECT ssn, id FROM patients ORDER BY 1 -- c",
+            Action.HOLD,
+        ),
+        # option values of EXPLAIN are literals too: EXPLAIN never shares a decision
+        (
+            "EXPLAIN (ANALYZE 'false') SELECT ssn FROM patients",
+            "EXPLAIN (ANALYZE 'true') SELECT ssn FROM patients",
+            Action.BLOCK,
+        ),
+        (
+            "EXPLAIN (ANALYZE 0) SELECT ssn FROM patients",
+            "EXPLAIN (ANALYZE 1) SELECT ssn FROM patients",
+            Action.BLOCK,
+        ),
+    ],
+)
+def test_a_literal_that_changes_the_decision_is_not_shared(
+    first: str, second: str, expected: Action
+) -> None:
+    eng = engine()
+    assert eng.statement(first, CTX).action is not expected
+    assert eng.statement(second, CTX).action is expected
+    assert engine().statement(second, CTX).action is expected  # as decided on its own

@@ -1,0 +1,57 @@
+"""The literal-insensitive cache key of a statement: which statements may share one decision.
+
+``PolicyEngine`` decides a statement text once and reuses the verdict for texts that differ
+only in literal values (``WHERE aid = 48213`` and ``WHERE aid = 99120``). A key that is too
+coarse is a breach: it hands one statement the decision made for another. So a key keeps every
+literal whose value can change the decision and the engine shares keys only between plain DML
+statements (``SHARED_CLASSES``), where no literal value matters except one: a small integer
+can be a column position (``ORDER BY 2``, ``GROUP BY 1``, ``DISTINCT ON (1)``), and ordering by
+position 1 may order by a tagged column where position 2 does not. Integers below ``10000``
+(more than the 1664 columns a select list can have) therefore stay in the key verbatim, and so
+does any integer written in a form other than plain decimal without leading zeros. Option
+values of EXPLAIN, SET and the like (``ANALYZE 'true'``) are why no other class shares keys.
+
+Two ways to the same kind of key: statements made only of identifiers, keywords, numbers,
+whitespace and simple punctuation (no quotes, dollars, comments or backslashes — nothing that
+can hide a token boundary) are keyed by a regular expression, in about a microsecond; all
+others by Postgres' own scanner (pglast), where strings and floats become placeholders too.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Final
+
+from pglast import parser
+
+#: statement classes whose decision depends on no literal value except column positions
+SHARED_CLASSES: Final = frozenset({"select", "insert", "update", "delete"})
+
+_SIMPLE: Final = re.compile(r"[A-Za-z0-9_\s,.;()=<>*+\-:]*")
+#: a standalone decimal integer of 5+ digits (not part of an identifier, a float or a param)
+_BIG_INT: Final = re.compile(r"(?<![\w.])[1-9][0-9]{4,}(?![\w.])")
+_STRING_TOKENS: Final = frozenset({"SCONST", "USCONST", "BCONST", "XCONST"})
+_COMMENT_TOKENS: Final = frozenset({"SQL_COMMENT", "C_COMMENT"})
+
+
+def key(sql: str) -> str | None:
+    """The statement's shape key, or None when it will not scan (such a text is never shared)."""
+    if _SIMPLE.fullmatch(sql) is not None and "--" not in sql:
+        return "f:" + _BIG_INT.sub("?", sql)
+    try:
+        tokens = parser.scan(sql)
+    except Exception:
+        return None
+    out = ["s:"]
+    for tok in tokens:
+        name = tok.name
+        if name in _COMMENT_TOKENS:
+            continue
+        text = sql[tok.start : tok.end + 1]
+        if name in _STRING_TOKENS:
+            text = "'?'"
+        elif name == "FCONST" or (name == "ICONST" and _BIG_INT.fullmatch(text) is not None):
+            text = "?"
+        out.append(text)
+        out.append(" ")
+    return "".join(out)
