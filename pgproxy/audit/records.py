@@ -83,12 +83,18 @@ AuditRecord = SessionStarted | SessionEnded | StatementRecord | ApprovalEvent | 
 class AuditSink(Protocol):
     """Where the proxy sends audit records.
 
-    ``emit`` is for ordinary records: it may buffer, and only waits when the queue is full.
+    ``emit`` is for ordinary records: it may buffer, and only waits when the queue is full;
+    ``offer`` is the same without the wait, for callers that cannot await.
     ``emit_durable`` returns once the record is on disk: used for decisions the client must
     not learn before they are recorded (holds, approvals, denials, blocks).
     """
 
     async def emit(self, record: AuditRecord) -> None: ...
+
+    def offer(self, record: AuditRecord) -> bool:
+        """``emit`` without waiting: True when the record was taken, False when the caller must
+        ``await emit(record)`` instead (the queue is full)."""
+        ...
 
     async def emit_durable(self, record: AuditRecord) -> None: ...
 
@@ -101,6 +107,10 @@ class MemorySink:
 
     async def emit(self, record: AuditRecord) -> None:
         self.records.append(record)
+
+    def offer(self, record: AuditRecord) -> bool:
+        self.records.append(record)
+        return True
 
     async def emit_durable(self, record: AuditRecord) -> None:
         self.records.append(record)

@@ -255,23 +255,32 @@ class DuckDBSink:
     # --- AuditSink --------------------------------------------------------------------------
 
     async def emit(self, record: AuditRecord) -> None:
+        if not self.offer(record):
+            await self._queue_put(record)
+
+    def offer(self, record: AuditRecord) -> bool:
         q = self._queue
         if q is None or self._closed or self._dead:
             raise AuditUnavailable("audit sink is not running")
         if self._spill_fh is not None:
             self._spill(record)
-            return
+            return True
         try:
             q.put_nowait((record, None))
         except asyncio.QueueFull:
             self._wake.set()
             if self.on_full == "spill":
                 self._spill(record)
-                return
-            await q.put((record, None))
-            return
+                return True
+            return False
         if q.qsize() >= self._eager:
             self._wake.set()
+        return True
+
+    async def _queue_put(self, record: AuditRecord) -> None:
+        q = self._queue
+        assert q is not None
+        await q.put((record, None))
 
     async def emit_durable(self, record: AuditRecord) -> None:
         q = self._queue

@@ -21,7 +21,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import scramp
 
@@ -37,7 +37,6 @@ from pgproxy.protocol.relay import (
     Relay,
     StatementAdmitted,
     StatementFinished,
-    Terminated,
 )
 from pgproxy.protocol.startup import (
     CancelRequest,
@@ -103,6 +102,14 @@ class ClientSession:
     _stmt_started: dict[int, datetime] = field(default_factory=dict)
     _recorded: set[int] = field(default_factory=set)
     _approvals: dict[int, str] = field(default_factory=dict)
+    #: ordinary records the audit queue had no room for, in order: awaited before anything else
+    _unqueued: list[StatementRecord] = field(default_factory=list)
+    _done: asyncio.Future[None] | None = None
+    _settle_task: asyncio.Task[None] | None = None
+    #: bytes that arrived while ``_settle`` waited: (from the client?, bytes)
+    _backlog: list[tuple[bool, bytes]] = field(default_factory=list)
+    _transports: tuple[asyncio.Transport, asyncio.Transport] = field(init=False)
+    _paused: tuple[dict[str, bool], dict[str, bool]] = field(init=False)
 
     def __post_init__(self) -> None:
         peer = self.writer.get_extra_info("peername")
@@ -340,108 +347,253 @@ class ClientSession:
         await self._send(bytes(out))
 
     # ---------------------------------------------------------------------------- relay
+    #
+    # After the handshake both sockets get a small ``asyncio.Protocol`` (``_Side``) instead of
+    # the stream reader: bytes go straight from the transport's callback into the sans-I/O
+    # relay, and what it queued is written in the same callback. Only events that must wait
+    # (a record that must be durable first, a full audit queue) leave the callback: the session
+    # then stops reading from both sockets and writes nothing until a task has done the waiting,
+    # so no answer reaches either peer before the record the rules require.
 
     async def _relay(self) -> None:
         assert self.upstream is not None
         policy = self.proxy.policy_factory(self.info)
-        self.relay = Relay(
+        relay = self.relay = Relay(
             policy,
             agent=self.info.agent,
             database=self.info.database,
             max_message_size=self.proxy.config.max_message_size,
             clock=time.perf_counter,
         )
-        self.relay.estimate_bulk = self.proxy.estimate is not None
-        client_task = asyncio.create_task(self._pump_client())
-        server_task = asyncio.create_task(self._pump_server())
-        done, pending = await asyncio.wait(
-            {client_task, server_task}, return_when=asyncio.FIRST_COMPLETED
-        )
-        for task in pending:
-            task.cancel()
-        for task in pending:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        for task in done:
-            exc = task.exception()
-            if exc is not None and not isinstance(
-                exc, Disconnect | ConnectionError | asyncio.IncompleteReadError
-            ):
-                raise exc
+        relay.estimate_bulk = self.proxy.estimate is not None
+        loop = asyncio.get_running_loop()
+        self._done = loop.create_future()
+        client_t = cast(asyncio.Transport, self.writer.transport)
+        server_t = cast(asyncio.Transport, self.upstream.writer.transport)
+        self._transports = (client_t, server_t)
+        self._paused = ({"": False}, {"": False})
+        early = (_take_buffered(self.reader), _take_buffered(self.upstream.reader))
+        client_t.set_protocol(_Side(self, client=True))
+        server_t.set_protocol(_Side(self, client=False))
+        if early[1]:
+            self._server_bytes(early[1])
+        if early[0]:
+            self._client_bytes(early[0])
+        if self.upstream.reader.at_eof():
+            self._side_lost(client=False)
+        if self.reader.at_eof():
+            self._side_lost(client=True)
+        for t in self._transports:
+            with contextlib.suppress(Exception):
+                t.resume_reading()
+        try:
+            await self._done
+        finally:
+            task = self._settle_task
+            if task is not None and not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
 
-    async def _pump_client(self) -> None:
-        relay = self.relay
-        assert relay is not None and self.upstream is not None
-        up_writer = self.upstream.writer
-        reader = self.reader
-        while True:
-            data = await reader.read(READ_SIZE)
-            if not data:
-                return
-            relay.client_data(data)
-            await self._after_feed()
-            if relay.to_server:
-                up_writer.write(bytes(relay.to_server))
-                relay.to_server.clear()
-                await up_writer.drain()
-            if relay.closed:
-                return
-            if relay.holding and len(relay._deferred) > MAX_DEFERRED:
-                await self._fatal(
-                    codes.PROGRAM_LIMIT_EXCEEDED, "too much data sent while a statement is held"
-                )
-                return
+    # --- called from the transports' callbacks ----------------------------------------------
 
-    async def _pump_server(self) -> None:
-        relay = self.relay
-        assert relay is not None and self.upstream is not None
-        up_reader = self.upstream.reader
-        writer = self.writer
-        while True:
-            try:
-                data = await up_reader.read(READ_SIZE)
-            except OSError:  # reset or TLS failure: lost, just as an orderly close is
-                data = b""
-            if not data:
-                await self._fatal(codes.CONNECTION_FAILURE, "the database connection was lost")
-                return
-            relay.server_data(data)
-            await self._after_feed()  # this writes what the relay queued for the client
-            if relay.to_server:  # client messages that waited for this answer
-                self.upstream.writer.write(bytes(relay.to_server))
-                relay.to_server.clear()
-            # backpressure: read no more from Postgres while the agent is not keeping up
-            await writer.drain()
-            if relay.closed:
-                return
-
-    async def _after_feed(self) -> None:
-        """Act on what the relay reported, and write what it queued for the client."""
+    def _client_bytes(self, data: bytes) -> None:
+        if self._settle_task is not None:
+            self._backlog.append((True, data))
+            return
         relay = self.relay
         assert relay is not None
-        if relay.events:
-            events = relay.events[:]
-            relay.events.clear()
-            now = datetime.now(UTC)
-            for ev in events:
-                await self._on_event(ev, now)
+        try:
+            relay.client_data(data)
+            self._process()
+            if relay.holding and len(relay._deferred) > MAX_DEFERRED:
+                self._end_with(
+                    codes.PROGRAM_LIMIT_EXCEEDED, "too much data sent while a statement is held"
+                )
+        except Exception as exc:
+            self._finish(exc)
+
+    def _server_bytes(self, data: bytes) -> None:
+        if self._settle_task is not None:
+            self._backlog.append((False, data))
+            return
+        relay = self.relay
+        assert relay is not None
+        try:
+            relay.server_data(data)
+            self._process()
+        except Exception as exc:
+            self._finish(exc)
+
+    def _side_lost(self, *, client: bool) -> None:
+        if self._done is None or self._done.done():
+            return
+        if client:
+            self._finish(None)
+        else:
+            self._end_with(codes.CONNECTION_FAILURE, "the database connection was lost")
+
+    def _set_paused(self, *, client: bool, reason: str, paused: bool) -> None:
+        """Reading from one socket stops while any reason to stop holds (backpressure from the
+        other socket, events being waited on)."""
+        reasons = self._paused[0 if client else 1]
+        was = any(reasons.values())
+        reasons[reason] = paused
+        now = any(reasons.values())
+        if was != now:
+            transport = self._transports[0 if client else 1]
+            with contextlib.suppress(Exception):
+                if now:
+                    transport.pause_reading()
+                else:
+                    transport.resume_reading()
+
+    # --- acting on what the relay reported --------------------------------------------------
+
+    def _process(self) -> None:
+        """Handle the relay's events and write what it queued, without waiting when nothing
+        has to be waited for; otherwise hand over to ``_settle`` and stop reading meanwhile."""
+        relay = self.relay
+        assert relay is not None
+        if self._settle_task is not None:
+            return
+        if relay.events and not self._events_now():
+            self._set_paused(client=True, reason="settle", paused=True)
+            self._set_paused(client=False, reason="settle", paused=True)
+            self._settle_task = asyncio.get_running_loop().create_task(self._settle())
+            return
+        self._write_out()
+
+    async def _settle(self) -> None:
+        relay = self.relay
+        assert relay is not None
+        try:
+            while True:
+                await self._after_feed()
+                if not self._backlog:
+                    break
+                is_client, data = self._backlog.pop(0)
+                if is_client:
+                    relay.client_data(data)
+                else:
+                    relay.server_data(data)
+        except Exception as exc:
+            self._finish(exc)
+            return
+        finally:
+            self._settle_task = None
+        self._set_paused(client=True, reason="settle", paused=False)
+        self._set_paused(client=False, reason="settle", paused=False)
+
+    def _write_out(self) -> None:
+        relay = self.relay
+        assert relay is not None
+        client_t, server_t = self._transports
         if relay.to_client:
-            self.writer.write(bytes(relay.to_client))
+            client_t.write(bytes(relay.to_client))
             relay.to_client.clear()
+        if relay.to_server:
+            server_t.write(bytes(relay.to_server))
+            relay.to_server.clear()
+        if relay.closed:
+            self._finish(None)
+
+    def _finish(self, exc: BaseException | None) -> None:
+        done = self._done
+        if done is None or done.done():
+            return
+        if exc is None:
+            done.set_result(None)
+        else:
+            done.set_exception(exc)
+
+    def _end_with(self, sqlstate: str, message: str) -> None:
+        """Tell the agent why the session ends, then end it."""
+        with contextlib.suppress(Exception):
+            self._transports[0].write(m.error(sqlstate, message, severity="FATAL"))
+        self._finish(None)
+
+    def _events_now(self) -> bool:
+        """Handle the relay's events that need no waiting, in order. False when the rest
+        (left in ``relay.events``) must be awaited by ``_after_feed``."""
+        relay = self.relay
+        assert relay is not None
+        events = relay.events
+        now = datetime.now(UTC)
+        done = 0
+        for ev in events:
+            if not self._event_now(ev, now):
+                break
+            done += 1
+        del events[:done]
+        return not events and not self._unqueued
+
+    def _event_now(self, ev: object, now: datetime) -> bool:
+        """``_on_event`` for the events that need no waiting; False (and nothing done) for
+        the others."""
+        metrics = self.proxy.metrics
+        if isinstance(ev, StatementAdmitted):
+            if ev.verdict.action is Action.BLOCK:
+                return False
+            self._stmt_started[ev.statement_id] = now
+            metrics.count_statement(ev.verdict.action.value)
+            metrics.decision_seconds.observe(ev.decision_seconds)
+            return True
+        if isinstance(ev, StatementFinished):
+            sid = ev.statement_id
+            v = ev.verdict
+            recorded = sid in self._recorded
+            if not recorded and (sid in self._approvals or not v.admits):
+                return False
+            started = self._stmt_started.pop(sid, now)
+            metrics.masked_cells += ev.masked_cells
+            metrics.query_seconds.observe((now - started).total_seconds())
+            if v.admits and not ev.sqlstate and "ddl" in (v.statement_class, v.hold_class):
+                self.proxy.after_ddl()
+            if recorded:
+                self._recorded.discard(sid)
+                return True
+            record = self._record(sid, v, started, now, ev.rows, ev.sqlstate)
+            if self._unqueued or not self.proxy.audit.offer(record):
+                self._unqueued.append(record)  # the audit queue is full: wait in _after_feed
+            return True
+        if isinstance(ev, HoldRequested):
+            self.hold_task = asyncio.get_running_loop().create_task(self._hold(ev))
+            return True
+        if isinstance(ev, ProtocolViolation):
+            log.warning(
+                "session %s: protocol violation by the %s", self.info.session_id,
+                "client" if ev.by_client else "database",
+            )  # fmt: skip
+        return True
+
+    async def _after_feed(self) -> None:
+        """Act on what the relay reported (waiting where needed), then write what it queued."""
+        relay = self.relay
+        assert relay is not None
+        while True:
+            while self._unqueued:
+                await self.proxy.audit.emit(self._unqueued.pop(0))
+            if not relay.events or self._events_now():
+                if not self._unqueued:
+                    break
+                continue
+            await self._on_event(relay.events.pop(0), datetime.now(UTC))
+        self._write_out()
 
     async def _on_event(self, ev: object, now: datetime) -> None:
+        """The events ``_event_now`` leaves: records that must be durable, a full queue."""
         if isinstance(ev, StatementAdmitted):
             self._stmt_started[ev.statement_id] = now
             self.proxy.metrics.count_statement(ev.verdict.action.value)
             self.proxy.metrics.decision_seconds.observe(ev.decision_seconds)
-            if ev.verdict.action is Action.BLOCK:
-                # a block is on disk before the agent can learn of it
-                record = self._record(ev.statement_id, ev.verdict, now, now, 0, "42501")
-                self._recorded.add(ev.statement_id)
-                try:
-                    await self.proxy.audit.emit_durable(record)
-                except Exception:
-                    log.error("session %s: could not record a block", self.info.session_id)
+            # a block is on disk before the agent can learn of it
+            record = self._record(ev.statement_id, ev.verdict, now, now, 0, "42501")
+            self._recorded.add(ev.statement_id)
+            try:
+                await self.proxy.audit.emit_durable(record)
+            except Exception:
+                log.error("session %s: could not record a block", self.info.session_id)
         elif isinstance(ev, StatementFinished):
             started = self._stmt_started.pop(ev.statement_id, now)
             v = ev.verdict
@@ -449,9 +601,6 @@ class ClientSession:
             self.proxy.metrics.query_seconds.observe((now - started).total_seconds())
             if v.admits and not ev.sqlstate and "ddl" in (v.statement_class, v.hold_class):
                 self.proxy.after_ddl()
-            if ev.statement_id in self._recorded:
-                self._recorded.discard(ev.statement_id)
-                return
             record = self._record(ev.statement_id, v, started, now, ev.rows, ev.sqlstate)
             approval_id = self._approvals.pop(ev.statement_id, "")
             if approval_id:
@@ -462,15 +611,6 @@ class ClientSession:
                 await self.proxy.audit.emit_durable(record)
             else:
                 await self.proxy.audit.emit(record)
-        elif isinstance(ev, HoldRequested):
-            self.hold_task = asyncio.create_task(self._hold(ev))
-        elif isinstance(ev, Terminated):
-            pass
-        elif isinstance(ev, ProtocolViolation):
-            log.warning(
-                "session %s: protocol violation by the %s", self.info.session_id,
-                "client" if ev.by_client else "database",
-            )  # fmt: skip
 
     def _statement_id(self, sid: int) -> str:
         """The audit's id of the relay's statement number ``sid`` in this session."""
@@ -557,12 +697,7 @@ class ClientSession:
             return None  # the row limit at run time still applies
 
     async def _flush_after_release(self) -> None:
-        relay = self.relay
-        assert relay is not None and self.upstream is not None
-        await self._after_feed()
-        if relay.to_server:
-            self.upstream.writer.write(bytes(relay.to_server))
-            relay.to_server.clear()
+        self._process()
 
     def _notice(self, text: str) -> None:
         with contextlib.suppress(Exception):
@@ -577,12 +712,47 @@ class ClientSession:
         relay = self.relay
         assert relay is not None and self.upstream is not None
         relay.release(False, "the held statement was cancelled by the client")
-        await self._after_feed()
-        if relay.to_server:
-            self.upstream.writer.write(bytes(relay.to_server))
-            relay.to_server.clear()
+        self._process()
         return True
 
 
 def new_backend_key() -> tuple[int, int]:
     return secrets.randbelow(2**31 - 1) + 1, secrets.randbits(31)
+
+
+def _take_buffered(reader: asyncio.StreamReader) -> bytes:
+    """What a stream reader received but nobody read yet (before its transport changes hands)."""
+    buffered = getattr(reader, "_buffer", None)
+    if not buffered:
+        return b""
+    data = bytes(buffered)
+    buffered.clear()
+    return data
+
+
+class _Side(asyncio.Protocol):
+    """One socket of a relaying session: bytes in, flow control, loss."""
+
+    __slots__ = ("_bytes", "_client", "_session")
+
+    def __init__(self, session: ClientSession, *, client: bool) -> None:
+        self._session = session
+        self._client = client
+        self._bytes = session._client_bytes if client else session._server_bytes
+
+    def data_received(self, data: bytes) -> None:
+        self._bytes(data)
+
+    def eof_received(self) -> bool | None:
+        self._session._side_lost(client=self._client)
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._session._side_lost(client=self._client)
+
+    def pause_writing(self) -> None:
+        # this socket's send buffer is full: stop reading what would be written to it
+        self._session._set_paused(client=not self._client, reason="backpressure", paused=True)
+
+    def resume_writing(self) -> None:
+        self._session._set_paused(client=not self._client, reason="backpressure", paused=False)
