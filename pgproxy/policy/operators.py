@@ -38,7 +38,7 @@ from typing import Any
 from pgproxy.policy import pgbinary
 from pgproxy.policy.freetext import FreeTextMode, default_scanner
 from pgproxy.policy.pgbinary import JSON_LIKE, TEXT_LIKE, Oid
-from pgproxy.policy.seam import CellRewriter, FieldInfo
+from pgproxy.policy.seam import NULL_CELL, CellRewriter, ConstantRewriter, DateYear, FieldInfo
 from pgproxy.rules import BUILTIN_TAGS, Rules
 
 
@@ -156,10 +156,6 @@ class _Spec:
     presidio: Operator | None = None
 
 
-def _null(_value: bytes | None, _fmt: int) -> bytes | None:
-    return None
-
-
 class MaskCatalog:
     """Builds cell rewriters for tags; validates every ``masking:`` override at construction."""
 
@@ -191,13 +187,16 @@ class MaskCatalog:
         if impl is not None and spec.presidio is not None and spec.op in _VALUE_BLIND:
             return _guarded_constant(impl)
         replacing = spec.op not in (Op.YEAR_ONLY, Op.AGE_CAP, Op.ZIP3, Op.SCAN)
-        return _guarded(impl, replacing)
+        rewrite = _guarded(impl, replacing)
+        if spec.op is Op.YEAR_ONLY and field.type_oid == Oid.DATE and impl is not None:
+            return DateYear(rewrite, self._clamp_year if tag == "dob" else None)
+        return rewrite
 
     def redact_cell(self, field: FieldInfo) -> CellRewriter:
         """For derived columns: text-like and json cells become ``<REDACTED>``, others NULL."""
         oid, mod = field.type_oid, field.type_mod
         if oid not in TEXT_LIKE and oid not in JSON_LIKE:
-            return _null
+            return NULL_CELL
 
         def impl(_value: bytes, fmt: int) -> bytes | None:
             return pgbinary.encode_string(oid, mod, REDACTED, fmt)
@@ -315,7 +314,7 @@ def _validated(tag: str, operator: str, params: dict[str, Any], key: bytes | Non
 def _guarded(impl: _Impl | None, replacing: bool) -> CellRewriter:
     """The fail-closed wrapper every rewriter goes through."""
     if impl is None:
-        return _null
+        return NULL_CELL
 
     def rewrite(value: bytes | None, fmt: int) -> bytes | None:
         if value is None:
@@ -335,25 +334,7 @@ def _guarded_constant(impl: _Impl) -> CellRewriter:
     """``_guarded`` for an ``impl`` whose output does not depend on the value (replace, redact):
     the output is computed once per format instead of once per cell. Same contract: NULL stays
     NULL, an error or an output equal to the original gives NULL."""
-    outputs: dict[int, bytes | None] = {}
-
-    def rewrite(value: bytes | None, fmt: int) -> bytes | None:
-        if value is None:
-            return None
-        try:
-            out = outputs[fmt]
-        except KeyError:
-            try:
-                out = impl(b"", fmt)
-            except Exception:
-                out = None
-            if fmt in (0, 1):  # the only formats Postgres has; others are not worth keeping
-                outputs[fmt] = out
-        if out is None or out == value:
-            return None
-        return out
-
-    return rewrite
+    return ConstantRewriter(lambda fmt: impl(b"", fmt))
 
 
 def _presidio_impl(spec: _Spec, tag: str, oid: int, mod: int) -> _Impl:

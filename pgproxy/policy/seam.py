@@ -42,6 +42,68 @@ class FieldInfo:
 CellRewriter = Callable[[bytes | None, int], bytes | None]
 
 
+class ConstantRewriter:
+    """A cell rewriter whose output ignores the value (replace, redact, nullify).
+
+    ``output(fmt)`` is computed once per format, so the relay can write it into every row
+    without a call per cell. The contract is that of any rewriter: NULL stays NULL, and an error
+    computing the output or an output equal to the original value gives NULL. ``make`` None (or
+    returning None) means the cell always becomes NULL.
+    """
+
+    __slots__ = ("_make", "_outputs")
+
+    def __init__(self, make: Callable[[int], bytes | None] | None) -> None:
+        self._make = make
+        self._outputs: dict[int, bytes | None] = {}
+
+    def output(self, fmt: int) -> bytes | None:
+        try:
+            return self._outputs[fmt]
+        except KeyError:
+            pass
+        out: bytes | None = None
+        if self._make is not None:
+            try:
+                out = self._make(fmt)
+            except Exception:
+                out = None
+            if not isinstance(out, bytes):
+                out = None
+        if fmt in (0, 1):  # the only formats Postgres has; others are not worth keeping
+            self._outputs[fmt] = out
+        return out
+
+    def __call__(self, value: bytes | None, fmt: int) -> bytes | None:
+        if value is None:
+            return None
+        out = self.output(fmt)
+        if out is None or out == value:
+            return None
+        return out
+
+
+#: the rewriter that makes every cell NULL
+NULL_CELL = ConstantRewriter(None)
+
+
+@dataclass(frozen=True, slots=True)
+class DateYear:
+    """The year-only rewriter of a ``date`` column: January 1st of the value's year, years
+    before ``clamp_year`` shown as that year.
+
+    ``rewrite`` handles every value in either format and defines the result; the relay may
+    compute the common cases itself (ISO text ``YYYY-MM-DD``, binary day numbers) and must give
+    the same bytes.
+    """
+
+    rewrite: CellRewriter
+    clamp_year: int | None = None
+
+    def __call__(self, value: bytes | None, fmt: int) -> bytes | None:
+        return self.rewrite(value, fmt)
+
+
 @dataclass(frozen=True, slots=True)
 class ColumnMask:
     """How one output column is masked, for the audit and for ``explain``."""

@@ -20,7 +20,6 @@ forwarded as their original bytes, one write per read batch.
 from __future__ import annotations
 
 import itertools
-import struct
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -28,7 +27,6 @@ from dataclasses import dataclass, field, replace
 from pgproxy.policy.seam import (
     PASS_ROWS,
     Action,
-    CellRewriter,
     CopyPlan,
     FieldInfo,
     ResultPolicy,
@@ -41,7 +39,8 @@ from pgproxy.protocol import codes
 from pgproxy.protocol import messages as m
 from pgproxy.protocol.copyrows import rewrite_row
 from pgproxy.protocol.errors import PeerProtocolError
-from pgproxy.protocol.framing import FrameBuffer
+from pgproxy.protocol.framing import FrameBuffer, Frames
+from pgproxy.protocol.rowmask import rewrite_rows
 
 _INTERNAL = "statement blocked: internal policy error"
 
@@ -52,10 +51,6 @@ PINNED_SETTINGS = {"client_encoding": "UTF8", "standard_conforming_strings": "ON
 
 #: Text Postgres rejects at parse time; it never reaches the executor.
 BLOCKED_SQL = "pgproxy: statement withheld by policy"
-
-_I32 = struct.Struct("!i")
-_I16 = struct.Struct("!H")
-_U32 = struct.Struct("!I")
 
 # request kinds awaiting a response
 _QUERY, _PARSE, _BIND, _DESCRIBE, _EXECUTE, _CLOSE, _SYNC, _FUNCTION = range(8)
@@ -220,62 +215,6 @@ class RelayStats:
 
 def _field_info(f: m.Field, fmt: int) -> FieldInfo:
     return FieldInfo(f.name, f.table_oid, f.attnum, f.type_oid, f.type_size, f.type_mod, fmt)
-
-
-_NULL = b"\xff\xff\xff\xff"
-
-
-def rewrite_data_row(
-    buf: bytes,
-    start: int,
-    end: int,
-    rewriters: Sequence[tuple[int, CellRewriter]],
-    formats: Sequence[int],
-) -> tuple[bytes, int]:
-    """The DataRow at ``buf[start:end]`` with the cells at the given ordinals rewritten.
-
-    Untouched columns are copied as slices of the original bytes, so a row costs one walk over
-    its length fields up to the last rewritten column. A rewriter that raises makes its cell
-    NULL (fail closed). ``rewriters`` must be sorted by ordinal. Returns (message, cells done).
-    """
-    try:
-        (ncols,) = _I16.unpack_from(buf, start + 5)
-        unpack = _I32.unpack_from
-        nformats = len(formats)
-        pos = start + 7
-        col = 0
-        seg = start + 5
-        parts: list[bytes] = []
-        done = 0
-        for ordinal, rewrite in rewriters:
-            if ordinal >= ncols:
-                break
-            while col < ordinal:  # skip untouched columns: they are copied as one slice
-                (length,) = unpack(buf, pos)
-                pos += 4 if length < 0 else 4 + length
-                col += 1
-            (length,) = unpack(buf, pos)
-            if length < 0:
-                value, nxt = None, pos + 4
-            else:
-                nxt = pos + 4 + length
-                value = buf[pos + 4 : nxt]
-            try:
-                new = rewrite(value, formats[ordinal] if ordinal < nformats else 0)
-            except Exception:
-                new = None  # fail closed: the cell becomes NULL
-            parts.append(buf[seg:pos])
-            parts.append(_NULL if new is None else _I32.pack(len(new)) + new)
-            pos = seg = nxt
-            col += 1
-            done += 1
-    except struct.error:
-        raise PeerProtocolError("DataRow is shorter than its fields") from None
-    if seg > end or end - start < 7:
-        raise PeerProtocolError("DataRow has an invalid value length")
-    parts.append(buf[seg:end])
-    body = b"".join(parts)
-    return b"D" + _U32.pack(len(body) + 4) + body, done
 
 
 class Relay:
@@ -687,7 +626,10 @@ class Relay:
         before = len(out)
         pending = self._pending
         run_start = -1
-        for tag, start, end in frames:
+        i, n = 0, len(frames)
+        while i < n:
+            tag, start, end = frames[i]
+            i += 1
             head = pending[0] if pending else None
             if tag in (T_DATA_ROW, T_COPY_DATA):
                 if head is None:  # rows nobody asked for must not pass unchecked
@@ -714,7 +656,7 @@ class Relay:
                         if run_start >= 0:
                             out += chunk[run_start:start]
                             run_start = -1
-                        self._rewrite_row(head, plan, chunk, start, end)
+                        i = self._rewrite_rows(head, plan, chunk, frames, i - 1)
                         continue
                     if head.verdict is not None and head.verdict.result is not None:
                         limit = head.verdict.result.max_rows
@@ -902,19 +844,25 @@ class Relay:
         head.masked += n
         self.to_client += m.CopyData(new).encode()
 
-    def _rewrite_row(
-        self, head: _Pending, plan: RowPlan, chunk: bytes, start: int, end: int
-    ) -> None:
+    def _rewrite_rows(
+        self, head: _Pending, plan: RowPlan, chunk: bytes, frames: Frames, i: int
+    ) -> int:
+        """Rewrite the run of DataRows that starts at ``frames[i]`` (already counted in
+        ``head.rows``), up to the row limit; return the index of the first frame not consumed."""
         if plan.block:
             self._stop(head, _plan_error(plan.block))
-            return
+            return i + 1
+        room = len(frames)
         limit = head.verdict.result.max_rows if head.verdict and head.verdict.result else None
-        if limit is not None and head.rows > limit:
-            self._stop(head, _row_limit_error(limit), over_limit=True)
-            return
-        row, done = rewrite_data_row(chunk, start, end, plan.ordered, head.formats)
-        head.masked += done
-        self.to_client += row
+        if limit is not None:
+            if head.rows > limit:
+                self._stop(head, _row_limit_error(limit), over_limit=True)
+                return i + 1
+            room = limit - head.rows + 1
+        nxt, rows, cells = rewrite_rows(self.to_client, chunk, frames, i, room, plan, head.formats)
+        head.rows += rows - 1
+        head.masked += cells
+        return nxt
 
     def _stop(self, head: _Pending, error: bytes, *, over_limit: bool = False) -> None:
         """Cut a result short with ``error``; drop what remains of it."""

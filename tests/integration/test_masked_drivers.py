@@ -28,6 +28,7 @@ import pg8000.native  # type: ignore[import-untyped]
 import psycopg
 import pytest
 
+from pgproxy.protocol import rowmask
 from pgproxy.rules import load_rules
 from pgproxy.server.policy_hub import PolicyHub
 from pgproxy.server.proxy import Proxy, ProxyConfig
@@ -172,6 +173,26 @@ def test_psycopg(proxy: ProxyThread, binary: bool, prepare: bool) -> None:
             ).fetchall()
             check_rows_subset(with_param, [1])
         received = hop.snapshot()
+    assert not [o for o in originals() if o in received]
+
+
+@pytest.mark.parametrize("binary", [False, True], ids=["text", "binary"])
+def test_long_masked_result_goes_through_the_row_loop(proxy: ProxyThread, binary: bool) -> None:
+    """900 masked rows in one result arrive in runs of many DataRows per read: the compiled
+    loop (``rowmask``; the Python twin where it is not built) rewrites every one of them."""
+    if os.environ.get("PGPROXY_REQUIRE_EXT") == "1":
+        assert rowmask.COMPILED
+    sql = (
+        "SELECT p.id, p.ssn, p.dob, p.visits, p.balance, p.admitted"
+        " FROM patients p CROSS JOIN generate_series(1, 300) g ORDER BY g, p.id"
+    )
+    with CaptureHop(proxy.host, proxy.port) as hop:
+        with psycopg.connect(dsn(hop.host, hop.port)) as conn:
+            rows = conn.cursor(binary=binary).execute(sql).fetchall()
+        received = hop.snapshot()
+    assert len(rows) == 300 * len(ROWS)
+    for i in range(300):
+        check_rows(rows[i * len(ROWS) : (i + 1) * len(ROWS)])
     assert not [o for o in originals() if o in received]
 
 

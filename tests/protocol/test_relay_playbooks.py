@@ -788,6 +788,69 @@ def test_max_rows_with_rewriting_stops_an_extended_query() -> None:
     play(relay, extended_select_works(2))
 
 
+def test_row_limit_inside_a_masked_run() -> None:
+    """Five masked rows in one read: rewritten up to the limit, then the result is stopped."""
+    relay = relay_with(FakePolicy({SELECT: mask(MaskColumn(max_rows=3))}))
+    play(
+        relay,
+        [
+            client(m.Query(SELECT)),
+            server(
+                RD,
+                row(1),
+                row(2, None),
+                row(3),
+                row(4),
+                row(5),
+                done("SELECT 5"),
+                IDLE,
+                downstream=[
+                    RD,
+                    row(1, "masked-fmt0"),
+                    row(2, None),
+                    row(3, "masked-fmt0"),
+                    Err("42501", "more than 3 rows"),
+                    IDLE,
+                ],
+                events=[("finished", 1, 4, "42501", 3)],
+            ),
+        ],
+    )
+
+
+def test_mask_rewriter_crash_inside_a_run_nulls_only_its_cells() -> None:
+    def flaky(value: bytes | None, fmt: int) -> bytes | None:
+        if value == b"Crash Fake":
+            raise ValueError("fake rewriter bug")
+        return None if value is None else b"ok"
+
+    play(
+        relay_with(FakePolicy({SELECT: mask(MaskColumn(rewriter=flaky))})),
+        [
+            client(m.Query(SELECT)),
+            server(
+                RD,
+                row(1),
+                row(2, "Crash Fake"),
+                row(3, None),
+                row(4),
+                done("SELECT 4"),
+                IDLE,
+                downstream=[
+                    RD,
+                    row(1, "ok"),
+                    row(2, None),
+                    row(3, None),
+                    row(4, "ok"),
+                    done("SELECT 4"),
+                    IDLE,
+                ],
+                events=[("finished", 1, 4, "", 4)],
+            ),
+        ],
+    )
+
+
 # ------------------------------------------------------------------ HOLD
 
 
