@@ -194,6 +194,14 @@ class _Pending:
     #: a result was cut short by policy: drop the rest of this request's output
     stopped: bool = False
     finished: bool = False
+    #: cut short by pgproxy (a row limit, a plan), not by an error of the server's
+    cut: bool = False
+    #: a row-limited Query that pgproxy put inside its own BEGIN (see ``_send_query``)
+    wrapped: bool = False
+    #: internal, but its errors are the client's (the COMMIT that ends a wrapped Query)
+    client_errors: bool = False
+    #: internal, and its ReadyForQuery is not the client's (the BEGIN before a wrapped Query)
+    quiet_ready: bool = False
 
 
 @dataclass(slots=True)
@@ -325,7 +333,11 @@ class Relay:
                 self._pending.append(_Pending(_SYNC))
                 out += chunk[start:end]
             elif tag == F_QUERY:
-                if not self._on_query(chunk, start, end):
+                sent = self._on_query(chunk, start, end)
+                if sent is None:  # seen again once what is in flight has completed
+                    self._defer(chunk, frames, i)
+                    return
+                if not sent:
                     self._defer(chunk, frames, i + 1)
                     return
             elif tag == F_PARSE:
@@ -389,9 +401,18 @@ class Relay:
             )
         return verdict
 
-    def _on_query(self, chunk: bytes, start: int, end: int) -> bool:
+    def _on_query(self, chunk: bytes, start: int, end: int) -> bool | None:
+        """Send (True) or hold (False) a Query; None: wait until nothing is in flight."""
         sql = m.Query.decode(memoryview(chunk)[start + 5 : end]).sql
         verdict = self._bulk(sql, self._decide(sql, self._ctx("query")))
+        if self._pending and _row_limit(verdict) is not None:
+            # a row-limited Query needs the transaction state it will run in (_send_query);
+            # Flush: what is in flight may be extended-protocol messages without a Sync yet
+            self._gate = self._pending[-1]
+            self.to_server += _FLUSH
+            return None
+        if _row_limit(verdict) is not None and _limited_query_mixes(verdict.statement_class):
+            verdict = _refused(verdict, _MIXED_LIMITED)
         sid = self._admit(sql, verdict, "query")
         estimate = (
             self.estimate_bulk
@@ -408,10 +429,23 @@ class Relay:
         return True
 
     def _send_query(self, raw: bytes, sid: int, verdict: Verdict) -> None:
-        if verdict.admits:
+        if verdict.admits and _row_limit(verdict) is None:
             self.to_server += raw
-            sql = m.Query.decode(memoryview(raw)[5:]).sql if _row_limit(verdict) else ""
-            self._pending.append(_Pending(_QUERY, verdict, sid, sql=sql))
+            self._pending.append(_Pending(_QUERY, verdict, sid))
+        elif verdict.admits:
+            # A row-limited Query may be cut short while the server goes on with it. Postgres
+            # would have aborted it, and the client believes it did: so it runs alone (later
+            # client messages wait), and when it may change data it runs in our own
+            # transaction, rolled back after a stop (``_after_query``). Inside the client's
+            # transaction, a stop fails that transaction instead.
+            pending = _Pending(_QUERY, verdict, sid, sql=m.Query.decode(memoryview(raw)[5:]).sql)
+            if self.transaction_status == b"I" and verdict.statement_class != "select":
+                self.to_server += _BEGIN
+                self._pending.append(_Pending(_QUERY, internal=True, quiet_ready=True))
+                pending.wrapped = True
+            self.to_server += raw
+            self._pending.append(pending)
+            self._gate = pending
         else:
             self.to_server += m.Query(BLOCKED_SQL).encode()
             self._pending.append(
@@ -685,13 +719,19 @@ class Relay:
         out = self.to_client
         pending = self._pending
         if tag == T_READY:
-            self.transaction_status = raw[5:6]
+            ready = raw[5:6]
+            self.transaction_status = ready
+            ended = None
             while pending:
-                p = pending.popleft()
-                self._finish(p)
-                if p.kind in _ENDS_AT_READY:
+                ended = pending.popleft()
+                self._finish(ended)
+                if ended.kind in _ENDS_AT_READY:
                     break
-            out += raw
+            query = ended is not None and ended.kind == _QUERY and ended.verdict is not None
+            if query and ended is not None and not self._after_query(ended, ready):
+                return
+            if ended is None or not ended.quiet_ready:
+                out += raw
             return
         if tag == T_PARAM_STATUS:
             status = m.ParameterStatus.decode(body)
@@ -748,6 +788,26 @@ class Relay:
             raise PeerProtocolError("authentication message from the server after startup")
         else:
             raise PeerProtocolError(f"unexpected message type {chr(tag)!r} from the server")
+
+    def _after_query(self, query: _Pending, status: bytes) -> bool:
+        """A row-limited Query completed: end the transaction pgproxy wrapped it in, or fail
+        the client's transaction after a stop. False: its ReadyForQuery is not the client's
+        (the one of our follow-up is), and later client messages wait for that follow-up."""
+        if query.wrapped:
+            # the client's implicit transaction: committed unless it failed or was cut short
+            failed = query.stopped or status != b"T"
+            self.to_server += _ROLLBACK if failed else _COMMIT
+            follow = _Pending(_QUERY, query.verdict, internal=True, client_errors=not failed)
+        elif query.cut and status == b"T":
+            # inside the client's transaction block: the client now believes it failed
+            self.to_server += m.Query(BLOCKED_SQL).encode()
+            follow = _Pending(_QUERY, internal=True)
+        else:
+            return True
+        self._pending.append(follow)
+        self._gate = follow
+        self._ungate = False
+        return False
 
     def _on_internal(self, tag: int, body: memoryview, head: _Pending) -> None:
         """Responses to pgproxy's own requests, or to a stopped result: consumed, not sent."""
@@ -869,6 +929,7 @@ class Relay:
         if over_limit and head.sql:
             self._over_limit.add(head.sql)
         head.stopped = True
+        head.cut = True
         head.sqlstate = codes.INSUFFICIENT_PRIVILEGE
         self.to_client += error
         if head.kind != _QUERY:
@@ -885,6 +946,10 @@ class Relay:
         if head.replace_error is not None:
             self.to_client += head.replace_error
             head.sqlstate = codes.INSUFFICIENT_PRIVILEGE
+        elif head.client_errors:
+            err = m.ErrorResponse.decode(body)
+            head.sqlstate = err.sqlstate
+            self.to_client += self._scrubbed(err, raw, head.verdict)
         elif head.stopped or head.internal:
             err = m.ErrorResponse.decode(body)
             head.sqlstate = err.sqlstate
@@ -966,6 +1031,36 @@ class Relay:
 
 def _row_limit(verdict: Verdict) -> int | None:
     return verdict.result.max_rows if verdict.result is not None else None
+
+
+_FLUSH = m.Flush().encode()
+_BEGIN = m.Query("BEGIN").encode()
+_COMMIT = m.Query("COMMIT").encode()
+_ROLLBACK = m.Query("ROLLBACK").encode()
+#: statement classes a row-limited Query cannot be combined with: they would end or escape the
+#: transaction pgproxy runs it in, or wait for client data that waits for the Query
+_NOT_WITH_A_ROW_LIMIT = frozenset({"transaction", "copy_from", "copy_to"})
+_MIXED_LIMITED = (
+    "a statement with a bulk-export row limit cannot share a query string with transaction "
+    "control or COPY: send it on its own"
+)
+
+
+def _limited_query_mixes(statement_class: str) -> bool:
+    classes = statement_class.split(";")
+    return len(classes) > 1 and any(k in _NOT_WITH_A_ROW_LIMIT for k in classes)
+
+
+def _refused(verdict: Verdict, message: str) -> Verdict:
+    return Verdict(
+        Action.BLOCK,
+        (*verdict.reasons, message),
+        verdict.statement_class,
+        message=message,
+        hold_class=verdict.hold_class,
+        fingerprint=verdict.fingerprint,
+        sql_redacted=verdict.sql_redacted,
+    )
 
 
 def _held_sql(held: _Held) -> str:

@@ -143,3 +143,59 @@ def test_row_limit_in_the_extended_protocol(
         assert conn.execute("SELECT %s::int + 1", (1,)).fetchone() == (2,)
         rows = conn.execute("SELECT ssn FROM people WHERE id > %s", (0,)).fetchall()
     assert len(rows) == ROWS
+
+
+def _count(dsn: str) -> int:
+    with psycopg.connect(dsn, autocommit=True) as direct:
+        row = direct.execute("SELECT count(*) FROM people").fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "DELETE FROM people WHERE id > 0 RETURNING ssn",
+        "SELECT ssn FROM people; DELETE FROM people WHERE id > 0",
+        "WITH gone AS (DELETE FROM people WHERE id > 0 RETURNING ssn) SELECT ssn FROM gone",
+    ],
+)
+def test_a_stopped_query_changes_nothing(
+    not_estimating: ProxyThread, reviewer: Reviewer, bulk_db: str, sql: str
+) -> None:
+    """The agent is told its statement failed at the row limit: as with any failed statement,
+    nothing it did (nor anything after it in the same query string) may be committed."""
+    with psycopg.connect(_dsn(not_estimating), autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="bulk export"):
+            cur = conn.execute(sql, prepare=False)
+            while cur.nextset():
+                pass
+        assert conn.execute("SELECT 40 + 2").fetchone() == (42,)
+    assert _count(bulk_db) == ROWS
+    assert reviewer.asked == []
+
+
+def test_a_stop_inside_a_transaction_fails_the_transaction(
+    not_estimating: ProxyThread, bulk_db: str
+) -> None:
+    with psycopg.connect(_dsn(not_estimating)) as conn:
+        conn.execute("INSERT INTO people (id) VALUES (1001)")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="bulk export"):
+            conn.execute("SELECT ssn FROM people", prepare=False).fetchall()
+        assert conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR
+        with pytest.raises(psycopg.errors.InFailedSqlTransaction):
+            conn.execute("SELECT 1")
+        conn.commit()  # of a failed transaction: a rollback, as Postgres would have it
+    assert _count(bulk_db) == ROWS
+
+
+def test_a_changing_query_under_the_limit_is_committed(
+    not_estimating: ProxyThread, bulk_db: str
+) -> None:
+    with psycopg.connect(_dsn(not_estimating), autocommit=True) as conn:
+        got = conn.execute(
+            "INSERT INTO people (id) VALUES (2001), (2002) RETURNING ssn", prepare=False
+        ).fetchall()
+        assert got == [(None,), (None,)]
+        conn.execute("DELETE FROM people WHERE id > 2000")
+    assert _count(bulk_db) == ROWS

@@ -151,8 +151,8 @@ BLOCK = Verdict(Action.BLOCK, ("fake rule",), message="blocked: fake rule says n
 HOLD = Verdict(Action.HOLD, ("fake: needs review",), hold_class="ddl")
 
 
-def mask(result: object) -> Verdict:
-    return Verdict(Action.MASK, ("fake: masked",), result=result)  # type: ignore[arg-type]
+def mask(result: object, klass: str = "select") -> Verdict:
+    return Verdict(Action.MASK, ("fake: masked",), klass, result=result)  # type: ignore[arg-type]
 
 
 @dataclass

@@ -10,7 +10,7 @@ Postgres gives (the golden vectors show the same shapes); in particular a substi
 from __future__ import annotations
 
 from pgproxy.protocol import messages as m
-from pgproxy.protocol.relay import BLOCKED_SQL, StatementFinished
+from pgproxy.protocol.relay import BLOCKED_SQL, Relay, StatementFinished
 from tests.protocol.helpers import (
     BLOCK,
     HOLD,
@@ -1138,3 +1138,208 @@ def test_rows_nobody_asked_for_are_a_protocol_violation() -> None:
         assert b"000-12-3456" not in relay.to_client
         assert [summarize(e) for e in relay.events] == [("violation", False)]
         assert relay.closed
+
+
+# ------------------------------------------------- row limits in simple Queries that change data
+
+DELETE_RETURNING = "DELETE FROM fake_patients RETURNING n, name"
+SELECT_THEN_DELETE = f"{SELECT}; {DELETE}"
+BEGIN_OK, COMMIT_OK, ROLLBACK_OK = done("BEGIN"), done("COMMIT"), done("ROLLBACK")
+
+
+def limited_delete(limit: int, statement: str = DELETE_RETURNING, klass: str = "delete") -> Relay:
+    return relay_with(FakePolicy({statement: mask(RowLimit(limit), klass)}))
+
+
+def test_a_row_limited_query_that_changes_data_is_rolled_back_after_a_stop() -> None:
+    """Postgres would have aborted the statement and the client is told it failed, so its
+    changes must not be committed: pgproxy ran it in its own transaction and rolls that back."""
+    play(
+        limited_delete(1),
+        [
+            client(
+                m.Query(DELETE_RETURNING),
+                upstream=[m.Query("BEGIN"), m.Query(DELETE_RETURNING)],
+                events=[("admitted", 1, "MASK")],
+            ),
+            server(BEGIN_OK, IN_TXN, RD, row(1), downstream=[RD, row(1)]),
+            # meanwhile the client sends its next statement: it waits for the outcome
+            client(m.Query("SELECT 1"), upstream=[]),
+            server(
+                row(2),
+                done("DELETE 2"),
+                IN_TXN,
+                downstream=[Err("42501", "more than 1 rows")],
+                upstream=[m.Query("ROLLBACK")],
+                events=[("finished", 1, 2, "42501", 0)],
+            ),
+            server(
+                ROLLBACK_OK,
+                IDLE,
+                downstream=[IDLE],
+                upstream=[m.Query("SELECT 1")],
+                events=[("admitted", 2, "ALLOW")],
+            ),
+            server(RD_N, m.DataRow((b"1",)), done("SELECT 1"), IDLE),
+        ],
+    )
+
+
+def test_a_row_limited_query_that_changes_data_commits_under_the_limit() -> None:
+    relay = play(
+        limited_delete(5),
+        [
+            client(
+                m.Query(DELETE_RETURNING), upstream=[m.Query("BEGIN"), m.Query(DELETE_RETURNING)]
+            ),
+            server(BEGIN_OK, IN_TXN, downstream=[]),
+            server(
+                RD,
+                row(1),
+                done("DELETE 1"),
+                IN_TXN,
+                downstream=[RD, row(1), done("DELETE 1")],
+                upstream=[m.Query("COMMIT")],
+                events=[("finished", 1, 1, "", 0)],
+            ),
+            server(COMMIT_OK, IDLE, downstream=[IDLE]),
+            *simple_select_works(2),
+        ],
+    )
+    assert relay.transaction_status == b"I"
+
+
+def test_a_failed_commit_of_a_wrapped_query_is_the_clients_error() -> None:
+    play(
+        limited_delete(5),
+        [
+            client(
+                m.Query(DELETE_RETURNING), upstream=[m.Query("BEGIN"), m.Query(DELETE_RETURNING)]
+            ),
+            server(
+                BEGIN_OK,
+                IN_TXN,
+                RD,
+                row(1),
+                done("DELETE 1"),
+                IN_TXN,
+                downstream=[RD, row(1), done("DELETE 1")],
+                upstream=[m.Query("COMMIT")],
+            ),
+            server(
+                pg_error("23505", "duplicate key value violates unique constraint"),
+                IDLE,
+                downstream=[Err("23505"), IDLE],
+            ),
+            *simple_select_works(2),
+        ],
+    )
+
+
+def test_later_statements_of_a_stopped_multi_statement_query_are_rolled_back() -> None:
+    """``SELECT …; DELETE …`` stopped in the SELECT: Postgres would not have run the DELETE.
+    The server did (a simple Query cannot be stopped midway), inside pgproxy's transaction,
+    which is rolled back; its output never reaches the client."""
+    play(
+        limited_delete(1, SELECT_THEN_DELETE, "select;delete"),
+        [
+            client(
+                m.Query(SELECT_THEN_DELETE),
+                upstream=[m.Query("BEGIN"), m.Query(SELECT_THEN_DELETE)],
+            ),
+            server(
+                BEGIN_OK,
+                IN_TXN,
+                RD,
+                row(1),
+                row(2),
+                done("SELECT 2"),
+                done("DELETE 2"),
+                IN_TXN,
+                downstream=[RD, row(1), Err("42501", "more than 1 rows")],
+                upstream=[m.Query("ROLLBACK")],
+            ),
+            server(ROLLBACK_OK, IDLE, downstream=[IDLE]),
+            *simple_select_works(2),
+        ],
+    )
+
+
+def test_a_stop_inside_the_clients_transaction_fails_that_transaction() -> None:
+    """In a transaction block the client now believes its transaction failed (as it would
+    have): pgproxy makes it so, so that nothing before the stop can be committed."""
+    relay = limited_delete(1, SELECT, "select")
+    play(
+        relay,
+        [
+            client(m.Query("BEGIN")),
+            server(BEGIN_OK, IN_TXN),
+            client(m.Query(SELECT)),
+            server(
+                RD,
+                row(1),
+                row(2),
+                done("SELECT 2"),
+                IN_TXN,
+                downstream=[RD, row(1), Err("42501", "more than 1 rows")],
+                upstream=[m.Query(BLOCKED_SQL)],
+            ),
+            server(SYNTAX_ERROR, FAILED, downstream=[FAILED]),
+        ],
+    )
+    assert relay.transaction_status == b"E"
+
+
+def test_a_row_limited_select_outside_a_transaction_runs_as_is() -> None:
+    """A plain SELECT changes nothing: stopping its rows needs no transaction of pgproxy's."""
+    play(
+        limited_delete(1, SELECT, "select"),
+        [
+            client(m.Query(SELECT)),
+            server(
+                RD,
+                row(1),
+                row(2),
+                done("SELECT 2"),
+                IDLE,
+                downstream=[RD, row(1), Err("42501"), IDLE],
+                upstream=[],
+            ),
+        ],
+    )
+
+
+def test_a_row_limited_query_waits_for_what_is_in_flight() -> None:
+    """Its transaction state is known only once earlier requests have completed."""
+    play(
+        limited_delete(5),
+        [
+            client(
+                m.Query("SELECT 1"),
+                m.Query(DELETE_RETURNING),
+                upstream=[m.Query("SELECT 1"), m.Flush()],
+            ),
+            server(
+                RD_N,
+                m.DataRow((b"1",)),
+                done("SELECT 1"),
+                IDLE,
+                downstream=[RD_N, m.DataRow((b"1",)), done("SELECT 1"), IDLE],
+                upstream=[m.Query("BEGIN"), m.Query(DELETE_RETURNING)],
+            ),
+        ],
+    )
+
+
+def test_a_row_limited_query_mixed_with_transaction_control_is_refused() -> None:
+    mixed = f"{SELECT}; COMMIT"
+    play(
+        limited_delete(5, mixed, "select;transaction"),
+        [
+            client(
+                m.Query(mixed), upstream=[m.Query(BLOCKED_SQL)], events=[("admitted", 1, "BLOCK")]
+            ),
+            server(SYNTAX_ERROR, IDLE, downstream=[Err("42501", "send it on its own"), IDLE]),
+            *simple_select_works(2),
+        ],
+    )
