@@ -122,6 +122,7 @@ class DuckDBSink:
         self._closing_proc = False
         self._reader: asyncio.Task[None] | None = None
         self._restart_task: asyncio.Task[None] | None = None
+        self._restart_delay = 0.0
         self._in_flight: deque[_Batch] = deque()
         self._in_flight_changed = asyncio.Event()
         self._acked_seq = 0
@@ -386,10 +387,13 @@ class DuckDBSink:
         self._restart_task = asyncio.create_task(self._restart(), name="pgproxy-audit-restart")
 
     async def _restart(self) -> None:
-        delay = self.retry_initial
+        """Start a new writer process: at once after a death, with backoff while it keeps
+        failing to start or dying before it commits anything."""
         while True:
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, self.retry_max)
+            await asyncio.sleep(self._restart_delay)
+            self._restart_delay = min(
+                max(self.retry_initial, self._restart_delay * 2), self.retry_max
+            )
             if self._closing_proc:
                 return
             try:
@@ -435,6 +439,7 @@ class DuckDBSink:
             if b.batch_id == batch_id:
                 break
         self._acked_seq = last_seq
+        self._restart_delay = 0.0
         self._in_flight_changed.set()
         if self._degraded:
             log.warning("audit writes recovered")

@@ -13,6 +13,7 @@ row's canonical serialization (``canonical_row``), which must equal
 
 from __future__ import annotations
 
+import contextlib
 import json
 import marshal
 import struct
@@ -131,6 +132,25 @@ def _statement_values(t: tuple[Any, ...]) -> list[Any]:
     ]  # fmt: skip
 
 
+#: canonical text of a statement's middle fields (agent … masked_columns), keyed by their
+#: values: they repeat across records (one statement shape, one agent), so most rows format
+#: only their id, session, timestamp and counts. Holds only keys of str and str tuples.
+_middle: dict[tuple[Any, ...], str] = {}
+_MIDDLE_MAX: Final = 50_000
+
+
+def _statement_middle(key: tuple[Any, ...]) -> str:
+    text = (
+        f"{_q(key[0])},{_q(key[1])},{_q(key[2])},{_q(key[3])},{_q(key[4])},{_strs(key[5])},"
+        f"{_strs(key[6])},{_strs(key[7])},{_strs(key[8])},{_strs(key[9])}"
+    )
+    with contextlib.suppress(TypeError):  # unhashable (a list): not memoized
+        if len(_middle) >= _MIDDLE_MAX:
+            _middle.clear()
+        _middle[key] = text
+    return text
+
+
 def canonical_row(t: tuple[Any, ...], seq: int) -> tuple[str, str]:
     """(table, canonical serialization) of an encoded record; raises what the generic
     ``schema.row_values`` + ``chain.canonical`` would raise for a malformed record."""
@@ -139,11 +159,14 @@ def canonical_row(t: tuple[Any, ...], seq: int) -> tuple[str, str]:
         rows = schema._int(t[14])
         dur = schema._float(t[15])
         try:
+            key = t[4:14]
+            try:
+                middle = _middle[key]
+            except (KeyError, TypeError):
+                middle = _statement_middle(key)
             text = (
-                f"{_STMT_HEAD}{seq},{_q(t[1])},{_q(t[2])},\"{iso_from_us(t[3])}\",{_q(t[4])},"
-                f"{_q(t[5])},{_q(t[6])},{_q(t[7])},{_q(t[8])},{_strs(t[9])},{_strs(t[10])},"
-                f"{_strs(t[11])},{_strs(t[12])},{_strs(t[13])},{rows!r},{dur!r},{_q(t[16])},"
-                f"{_q(t[17])}]"
+                f'{_STMT_HEAD}{seq},{_q(t[1])},{_q(t[2])},"{iso_from_us(t[3])}",{middle},'
+                f"{rows!r},{dur!r},{_q(t[16])},{_q(t[17])}]"
             )
         except TypeError:  # a field of an unexpected type: the generic encoder decides
             text = chain.canonical(schema.STATEMENT.name, seq, _statement_values(t))

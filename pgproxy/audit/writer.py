@@ -41,6 +41,11 @@ from pgproxy.audit.records import PolicyEvent
 
 log = logging.getLogger("pgproxy.audit.writer")
 
+#: WAL size that triggers DuckDB's automatic checkpoint. The default (16 MB) checkpoints every
+#: ~50k rows and nearly doubles the CPU per row (measured: 10.8 against 7.1 µs per row over 1M
+#: rows); a larger WAL only costs a longer replay when a crashed writer's file is reopened.
+_CHECKPOINT_THRESHOLD = "128MB"
+
 #: retries of a failing batch once the input has closed (nobody is waiting any more)
 _RETRIES_AFTER_EOF = 8
 
@@ -159,7 +164,10 @@ class Writer:
             # one thread: the audit must not compete with the proxy for the cores. No memory
             # limit: a capped DuckDB fails large batches (out of memory), and a failing writer
             # stops every session (records wait, fail closed).
-            conn = duckdb.connect(str(self.path), config={"threads": 1})
+            conn = duckdb.connect(
+                str(self.path),
+                config={"threads": 1, "checkpoint_threshold": _CHECKPOINT_THRESHOLD},
+            )
         except (duckdb.Error, OSError) as exc:
             raise OpenFailed(f"cannot open audit file {self.path}: {exc}") from exc
         try:
