@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -11,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import duckdb
+import pytest
 
 from pgproxy.audit.records import (
     ApprovalEvent,
@@ -185,3 +187,23 @@ def wait_process_gone(pid: int, timeout: float = 30.0) -> bool:
             return False
         time.sleep(0.02)
     return True
+
+
+def writer_processes() -> list[int]:
+    """This process's audit writer children that have not exited."""
+    out = []
+    for pid in child_pids(os.getpid()):
+        with contextlib.suppress(OSError):
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+            if b"pgproxy.audit.writer" in cmd and not process_gone(pid):
+                out.append(pid)
+    return out
+
+
+@pytest.fixture(autouse=True)
+def no_orphan_writer_processes() -> object:
+    """Every audit test ends without an audit writer process left running."""
+    before = set(writer_processes())
+    yield
+    left = set(writer_processes()) - before
+    assert not left, f"audit writer processes left running: {sorted(left)}"
