@@ -171,14 +171,13 @@ class DuckDBSink:
     # --- lifecycle --------------------------------------------------------------------------
 
     async def start(self) -> None:
-        head = await self._spawn()
-        self._acked_seq = head
-        self._started = True
         if self.spill_dir is not None:
             self.spill_dir.mkdir(parents=True, exist_ok=True)
             found = sorted(self._spill_glob(), key=lambda p: p[0])
             self._spill_pending = [p for _, p in found]
             self._spill_next = (found[-1][0] + 1) if found else 0
+        self._acked_seq = await self._spawn()
+        self._started = True
         self._task = asyncio.create_task(self._run(), name="pgproxy-audit-writer")
         self._task.add_done_callback(self._writer_done)
 
@@ -321,10 +320,13 @@ class DuckDBSink:
 
     async def _spawn(self) -> int:
         """Start the writer process; returns the chain's head seq once the file is open."""
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "pgproxy.audit.writer",
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-        )  # fmt: skip
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "pgproxy.audit.writer",
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            )  # fmt: skip
+        except OSError as exc:
+            raise AuditUnavailable(f"cannot start the audit writer process: {exc}") from exc
         assert proc.stdin is not None and proc.stdout is not None
         cfg = (
             os.fspath(self.path), self._key, self.checkpoint_every,
