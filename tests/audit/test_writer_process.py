@@ -137,3 +137,20 @@ async def test_a_writer_that_cannot_restart_keeps_trying(tmp_path: Path) -> None
     await sink.close()
     assert _ids(path) == ["kept"]
     assert verify(path, KEY).ok
+
+
+async def test_the_writer_ignores_sigint_and_sigterm(tmp_path: Path) -> None:
+    """Ctrl-C or a service manager's SIGTERM reach the whole process group; the writer must
+    outlive them so the proxy can drain and flush the audit, then close its input."""
+    path = tmp_path / "a.duckdb"
+    sink = DuckDBSink(path, signing_key=KEY)
+    await sink.start()
+    pid = sink.writer_pid
+    assert pid is not None
+    await sink.emit_durable(stmt("before"))  # the writer is past start-up, handlers installed
+    os.kill(pid, signal.SIGINT)
+    os.kill(pid, signal.SIGTERM)
+    await sink.emit_durable(stmt("after"))
+    assert sink.writer_pid == pid and not sink.degraded
+    await sink.close()
+    assert _ids(path) == ["before", "after"]
