@@ -23,7 +23,9 @@ Measured, in rounds that visit every target in turn (``--repeat N`` rounds; medi
    each proxy adds over the direct connection;
 3. rows/s of one 10-column ``generate_series`` result, received whole by libpq (psycopg);
 4. each proxy's peak RSS (``VmHWM``, reset just before) while a client that discards rows
-   streams ``repeat('x', 1000)`` rows totalling ``--rss-mb`` megabytes through it.
+   streams ``repeat('x', 1000)`` rows totalling ``--rss-mb`` megabytes through it; for pgproxy
+   this is its main process, and the audit writer process (its child, found through
+   ``/proc/<pid>/task/*/children``) gets its own row: its peak over the whole run.
 
 The targets from the product issue are printed next to the numbers with PASS/FAIL. They never
 change the exit status: it is 0 when every measurement ran, 2 when one of them failed.
@@ -104,6 +106,7 @@ def metrics(sizes: Sizes) -> tuple[Metric, ...]:
         Metric("rows", f"rows/s, {sizes.stream_rows:,} rows x 10 columns", "rows/s", True),
         Metric("rss_idle", "RSS before streaming", "MB", False),
         Metric("rss", f"peak RSS streaming {gb:g} GB", "MB", False),
+        Metric("rss_audit", "audit writer process peak RSS (whole run)", "MB", False),
     )
 
 
@@ -363,6 +366,23 @@ def reset_peak(pid: int) -> bool:
     return True
 
 
+def child_pids(pid: int) -> list[int]:
+    out: list[int] = []
+    for f in Path(f"/proc/{pid}/task").glob("*/children"):
+        with contextlib.suppress(OSError):
+            out += [int(p) for p in f.read_text().split()]
+    return out
+
+
+def audit_writer_peak_rss(pid: int) -> float:
+    """Peak RSS (``VmHWM``, MB) of pgproxy's audit writer process, a child of ``pid``."""
+    for child in child_pids(pid):
+        with contextlib.suppress(OSError):
+            if "pgproxy.audit.writer" in Path(f"/proc/{child}/cmdline").read_text():
+                return vm_kb(child, "VmHWM") / 1024
+    raise RuntimeError(f"no audit writer process under pid {pid}")
+
+
 def peak_rss_streaming(conn: Conn, pid: int, megabytes: int) -> tuple[float, float]:
     """(RSS before, peak RSS during) in MB of ``pid`` while a slow client streams ``megabytes``
     of 1 kB rows. Without a peak reset, the peak is since the process started."""
@@ -563,6 +583,10 @@ def run_rounds(res: Results, conns: dict[str, Conn], pids: dict[str, int]) -> No
         if isinstance(got, tuple):
             res.add("rss_idle", target, got[0])
             res.add("rss", target, got[1])
+    if "pgproxy" in pids:
+        got = measure(res, "rss_audit", "pgproxy", partial(audit_writer_peak_rss, pids["pgproxy"]))
+        if isinstance(got, float):
+            res.add("rss_audit", "pgproxy", got)
 
 
 PROFILED_LOADS = {

@@ -140,3 +140,41 @@ def test_operators_import_leaves_no_blocked_module_behind() -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip() == "1"
+
+
+#: Runs the live audit the way ``serve`` does (emit, query, verify, Parquet export) and prints
+#: whether DuckDB got imported into this (the proxy's) process.
+AUDIT_PROBE = """
+import asyncio, json, sys
+from datetime import UTC, datetime
+import pgproxy.server.runtime
+from pgproxy.audit.records import PolicyEvent
+from pgproxy.audit.sink import DuckDBSink
+
+async def main(path, export):
+    async with DuckDBSink(path, signing_key=b"k", export_dir=export) as sink:
+        await sink.emit_durable(PolicyEvent(datetime.now(UTC), "loaded", "x"))
+        rows = (await sink.query("SELECT event FROM policy_events")).rows
+        ok = (await sink.verify()).ok
+        files = await sink.export_parquet(export)
+    return {"rows": [list(r) for r in rows], "ok": ok, "files": len(files),
+            "duckdb": "duckdb" in sys.modules}
+
+print(json.dumps(asyncio.run(main(sys.argv[1], sys.argv[2]))))
+"""
+
+
+@pytest.mark.timeout(150)
+def test_the_proxy_process_never_imports_duckdb(tmp_path: Path) -> None:
+    """The audit's DuckDB lives in the writer process: ``serve``'s process does not load it,
+    even while it serves analyst queries, verify and exports through that process."""
+    proc = subprocess.run(
+        [sys.executable, "-c", AUDIT_PROBE, str(tmp_path / "a.duckdb"), str(tmp_path / "pq")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["rows"] == [["loaded"]] and got["ok"] is True and got["files"] >= 1
+    assert got["duckdb"] is False

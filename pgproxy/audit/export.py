@@ -15,9 +15,9 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
-import duckdb
-
 if TYPE_CHECKING:
+    import duckdb
+
     from pgproxy.audit.sink import DuckDBSink
 
 log = logging.getLogger("pgproxy.audit")

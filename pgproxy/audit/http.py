@@ -1,7 +1,7 @@
 """Analyst queries over HTTP while ``serve`` holds the audit file.
 
 ``POST /api/audit/sql`` with ``{"sql": "..."}`` answers ``{"columns": [...], "rows": [[...]],
-"truncated": bool}``. The query runs on the live sink's writer thread through a cursor (so it
+"truncated": bool}``. The query runs in the live sink's writer process through a cursor (so it
 is serialized with the writes and sees everything committed), under the same read-only guard as
 ``pgproxy audit sql`` on a file. Errors answer 400 (rejected or failed query) or 503 (audit not
 running), with ``{"error": ..., "kind": "rejected" | "error" | "unavailable"}``. Binding the

@@ -17,10 +17,11 @@ import re
 from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta
 from decimal import Decimal
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 from uuid import UUID
 
-import duckdb
+if TYPE_CHECKING:
+    import duckdb
 
 Format = Literal["table", "csv", "json"]
 
@@ -44,6 +45,8 @@ class QueryResult:
 
 def check_read_only(sql: str, conn: duckdb.DuckDBPyConnection | None = None) -> None:
     """Raise ``QueryRejected`` unless ``sql`` is one SELECT/WITH/SHOW/DESCRIBE/EXPLAIN."""
+    import duckdb
+
     parser = conn if conn is not None else duckdb.connect()
     try:
         statements = parser.extract_statements(sql)
@@ -77,6 +80,8 @@ def run_query(
 ) -> QueryResult:
     """Run one read-only query on an audit file (opened read-only) or on a live connection
     (through a cursor, in a READ ONLY transaction)."""
+    import duckdb
+
     if isinstance(path_or_conn, duckdb.DuckDBPyConnection):
         cur = path_or_conn.cursor()
     else:

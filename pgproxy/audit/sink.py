@@ -1,28 +1,35 @@
-"""The DuckDB audit sink: one writer task, a bounded queue, batched hash-chained inserts.
+"""The DuckDB audit sink: a bounded queue in the proxy, a writer process that owns the file.
 
-The proxy's data path only ever touches the in-memory queue: ``emit`` puts a record and returns
-(waiting only when the queue is full and ``on_full="wait"``; with ``on_full="spill"`` it appends
-the record to a spill file instead). One writer task drains the queue when ``flush_interval``
-passes, when the queue is a quarter full, or when an ``emit_durable`` record arrives. Two
-worker threads form a pipeline so the event loop never blocks: the chain thread serializes and
-hash-chains a batch (``schema``/``chain``) while the DuckDB thread, which owns the connection,
-commits the previous one: DuckDB's appender loads the rows' JSON payloads into a temp staging
-table and one ``INSERT … SELECT`` per table moves them into the typed base tables, all in one
-transaction. (Measured on DuckDB 2.0: appender with typed rows and list columns ≈ 100k
-rows/s, Python ``executemany`` ≈ 0.5k rows/s, the staged JSON payload ≈ 350k rows/s, with the
-GIL released during the ``INSERT … SELECT``.) ``emit_durable`` returns once its transaction has
-committed, so it is on disk together with everything queued before it.
+The proxy's data path only ever touches the in-memory queue: ``emit`` appends a record and
+returns (waiting only when the queue is full and ``on_full="wait"``; with ``on_full="spill"``
+it appends the record to a spill file instead). One writer task drains the queue when
+``flush_interval`` passes, when the queue is a quarter full, or when an ``emit_durable`` record
+arrives, and sends the records as one compact batch (``wire``: marshalled tuples, no
+serializing or hashing in the proxy) down a pipe to the audit writer process
+(``pgproxy.audit.writer``, started by ``start``). That process owns the DuckDB connection, the
+hash chain and the signed checkpoints, commits each batch in one transaction and acknowledges
+it; analyst queries, ``verify`` and the Parquet export also run there, in order with the
+writes. The proxy process never imports DuckDB: its Python layer and the per-row work would
+otherwise compete with the event loop for the GIL. At most two batches are in flight (one
+being chained while the previous one commits); beyond that records wait in the queue, so a
+slow disk fills the queue and ``on_full`` applies. ``emit_durable`` returns once its batch is
+acknowledged, so it is on disk together with everything queued before it.
 
 Loss window: an ordinary record is on disk at most ``flush_interval`` plus one batch's write
-time after ``emit`` returns; a crash (kill -9, power loss) loses at most the records emitted
-since the last commit, never a record whose ``emit_durable`` returned.
+time after ``emit`` returns; a crash of the proxy (kill -9) closes the pipe, and the writer
+process commits every batch it received, checkpoints and exits, so only records still in the
+proxy's queue are lost; a crash of the machine loses at most the records emitted since the last
+commit. Never lost: a record whose ``emit_durable`` returned.
 
 Faults: an unopenable or locked file at ``start`` raises ``AuditUnavailable``. A failing write
-while running keeps the batch, sets ``degraded`` (``emit_durable`` then raises
-``AuditUnavailable`` so the server can fail closed), retries with exponential backoff and clears
-``degraded`` once a write succeeds. The writer connection runs with DuckDB's external access
-disabled (only ``export_dir`` is reachable), so analyst queries served through it cannot read
-other files.
+keeps the batch, sets ``degraded`` (``emit_durable`` then raises ``AuditUnavailable`` so the
+server can fail closed), retries with exponential backoff and clears ``degraded`` once a write
+succeeds. If the writer process dies, the sink is ``degraded`` likewise, logs it, and restarts
+it with backoff; the new process resumes the chain from the file, and the batches not
+acknowledged are sent again minus the records the file already holds (records map 1:1 to
+seqs), so nothing is lost or written twice. The writer connection runs with DuckDB's external
+access disabled (only ``export_dir`` is reachable), so analyst queries cannot read other files.
+The signing key travels over the pipe, never on a command line or in the environment.
 """
 
 from __future__ import annotations
@@ -30,20 +37,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import marshal
 import os
+import pickle
 import re
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from datetime import UTC, datetime
+import sys
+from collections import deque
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, TextIO
+from typing import Any, Literal, TextIO
 
-import duckdb
-
-from pgproxy.audit import chain, schema
-from pgproxy.audit.query import QueryResult, run_query
-from pgproxy.audit.records import AuditRecord, PolicyEvent
+from pgproxy.audit import chain, schema, wire
+from pgproxy.audit.query import AuditQueryError, QueryRejected, QueryResult
+from pgproxy.audit.records import AuditRecord
 from pgproxy.audit.verify import VerifyResult
 
 log = logging.getLogger("pgproxy.audit")
@@ -51,6 +57,8 @@ log = logging.getLogger("pgproxy.audit")
 OnFull = Literal["wait", "spill"]
 
 _REPLAY_CHUNK = 20_000
+#: batches sent to the writer process and not yet acknowledged
+_MAX_IN_FLIGHT = 2
 
 
 class AuditUnavailable(RuntimeError):
@@ -58,45 +66,11 @@ class AuditUnavailable(RuntimeError):
     The server must fail closed: a statement whose record cannot be made durable does not run."""
 
 
-@dataclass(frozen=True, slots=True)
-class PreparedBatch:
-    """Rows chained and serialized, ready for one transaction."""
-
-    #: (table, seq, prev_hash, row_hash, canonical payload) per row
-    rows: list[tuple[str, int, str, str, str]]
-    tables: frozenset[str]
-
-    @property
-    def last_seq(self) -> int:
-        return self.rows[-1][1]
-
-    @property
-    def last_hash(self) -> str:
-        return self.rows[-1][3]
-
-
-WriteBatch = Callable[[duckdb.DuckDBPyConnection, PreparedBatch], None]
-
-
-def write_batch(conn: duckdb.DuckDBPyConnection, batch: PreparedBatch) -> None:
-    """Append ``batch`` in one transaction (the default ``DuckDBSink.write_batch``)."""
-    conn.execute("BEGIN TRANSACTION")
-    try:
-        appender = conn.appender("audit_stage")
-        appender.append_rows(batch.rows)
-        appender.flush()
-        for name in sorted(batch.tables):
-            conn.execute(schema.TABLE_BY_NAME[name].insert_from_stage_sql())
-        conn.execute("DELETE FROM audit_stage")
-        conn.execute("COMMIT")
-    except BaseException:
-        with contextlib.suppress(duckdb.Error):
-            conn.execute("ROLLBACK")
-        raise
-
-
-def _now_iso() -> str:
-    return datetime.now(UTC).replace(tzinfo=None).isoformat()
+@dataclass(slots=True)
+class _Batch:
+    batch_id: int
+    records: list[AuditRecord]
+    futures: list[asyncio.Future[None]] = field(default_factory=list)
 
 
 class DuckDBSink:
@@ -129,46 +103,52 @@ class DuckDBSink:
         self.checkpoint_every = max(1, checkpoint_every)
         self.retry_initial = retry_initial
         self.retry_max = retry_max
-        #: The function that commits one batch; replaceable to inject faults in tests.
-        self.write_batch: WriteBatch = write_batch
         self._key = signing_key
-        self._queue_size = queue_size
+        self._queue_size = max(1, queue_size)
         self._eager = max(1, queue_size // 4)
-        self._queue: asyncio.Queue[tuple[AuditRecord, asyncio.Future[None] | None]] | None = None
+        self._pending: deque[tuple[AuditRecord, asyncio.Future[None] | None]] = deque()
+        self._space = asyncio.Event()
         self._wake = asyncio.Event()
-        self._executor: ThreadPoolExecutor | None = None
-        self._conn: duckdb.DuckDBPyConnection | None = None
         self._task: asyncio.Task[None] | None = None
+        self._started = False
         self._stopping = False
         self._closed = False
         self._dead = False
         self._degraded = False
         self._last_error = ""
-        # chain state: touched only on the writer thread
-        self._seq = 0
-        self._head = chain.GENESIS
-        self._checkpointed_seq = 0
-        self._committed_seq = 0
-        # spill state: touched only on the event loop
+        # the writer process
+        self._proc: asyncio.subprocess.Process | None = None
+        self._live = False  # the current process is running and answering
+        self._closing_proc = False
+        self._reader: asyncio.Task[None] | None = None
+        self._restart_task: asyncio.Task[None] | None = None
+        self._restart_delay = 0.0
+        self._in_flight: deque[_Batch] = deque()
+        self._in_flight_changed = asyncio.Event()
+        self._acked_seq = 0
+        self._next_batch = 0
+        self._requests: dict[int, asyncio.Future[tuple[bool, Any]]] = {}
+        self._next_request = 0
+        # spill state
         self._spill_file: Path | None = None
         self._spill_fh: TextIO | None = None
-        self._uncommitted: list[list[AuditRecord]] = []
-        self._commit_task: asyncio.Task[None] | None = None
-        self._prep_executor: ThreadPoolExecutor | None = None
-        self._committed_hash = chain.GENESIS
         self._spill_pending: list[Path] = []
         self._spill_next = 0
         self._spill_drained = asyncio.Event()
         self._spill_drained.set()
         self.spilled_total = 0
         self.rows_written = 0
+        #: failed commit attempts reported by the writer process
+        self.write_failures = 0
+        #: times the writer process was restarted after dying
+        self.restarts = 0
 
     # --- state the server may read ---------------------------------------------------------
 
     @property
     def queue_depth(self) -> int:
         """Records waiting for the writer."""
-        return self._queue.qsize() if self._queue is not None else 0
+        return len(self._pending)
 
     @property
     def degraded(self) -> bool:
@@ -183,24 +163,21 @@ class DuckDBSink:
     def spilling(self) -> bool:
         return self._spill_fh is not None
 
+    @property
+    def writer_pid(self) -> int | None:
+        """The audit writer process's pid (None when it is not running)."""
+        return self._proc.pid if self._proc is not None and self._live else None
+
     # --- lifecycle --------------------------------------------------------------------------
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._queue = asyncio.Queue(self._queue_size)
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="pgproxy-audit-db")
-        self._prep_executor = ThreadPoolExecutor(1, thread_name_prefix="pgproxy-audit-chain")
-        try:
-            await loop.run_in_executor(self._executor, self._open)
-        except BaseException:
-            self._executor.shutdown(wait=False)
-            self._prep_executor.shutdown(wait=False)
-            raise
         if self.spill_dir is not None:
             self.spill_dir.mkdir(parents=True, exist_ok=True)
             found = sorted(self._spill_glob(), key=lambda p: p[0])
             self._spill_pending = [p for _, p in found]
             self._spill_next = (found[-1][0] + 1) if found else 0
+        self._acked_seq = await self._spawn()
+        self._started = True
         self._task = asyncio.create_task(self._run(), name="pgproxy-audit-writer")
         self._task.add_done_callback(self._writer_done)
 
@@ -223,27 +200,20 @@ class DuckDBSink:
         self._closed = True
         self._stopping = True
         self._wake.set()
-        assert self._executor is not None and self._task is not None
-        loop = asyncio.get_running_loop()
+        assert self._task is not None
         try:
             await asyncio.wait_for(asyncio.shield(self._task), timeout)
         except TimeoutError:
             self._task.cancel()
             left = self._rescue_unwritten()
-            await loop.run_in_executor(self._executor, self._shutdown_conn, False)
-            self._executor.shutdown(wait=True)
-            assert self._prep_executor is not None
-            self._prep_executor.shutdown(wait=True)
+            await self._stop_process(kill=True)
             raise AuditUnavailable(
                 f"audit writer still failing at close ({self._last_error}); "
                 f"{left} records moved to the spill file"
                 if self.spill_dir
                 else f"audit writer still failing at close ({self._last_error}); records lost"
             ) from None
-        await loop.run_in_executor(self._executor, self._shutdown_conn, True)
-        self._executor.shutdown(wait=True)
-        assert self._prep_executor is not None
-        self._prep_executor.shutdown(wait=True)
+        await self._stop_process(kill=False)
 
     async def __aenter__(self) -> DuckDBSink:
         await self.start()
@@ -255,36 +225,29 @@ class DuckDBSink:
     # --- AuditSink --------------------------------------------------------------------------
 
     async def emit(self, record: AuditRecord) -> None:
-        if not self.offer(record):
-            await self._queue_put(record)
+        while not self.offer(record):
+            await self._wait_for_space()
 
     def offer(self, record: AuditRecord) -> bool:
-        q = self._queue
-        if q is None or self._closed or self._dead:
+        if not self._started or self._closed or self._dead:
             raise AuditUnavailable("audit sink is not running")
         if self._spill_fh is not None:
             self._spill(record)
             return True
-        try:
-            q.put_nowait((record, None))
-        except asyncio.QueueFull:
+        pending = self._pending
+        if len(pending) >= self._queue_size:
             self._wake.set()
             if self.on_full == "spill":
                 self._spill(record)
                 return True
             return False
-        if q.qsize() >= self._eager:
+        pending.append((record, None))
+        if len(pending) >= self._eager:
             self._wake.set()
         return True
 
-    async def _queue_put(self, record: AuditRecord) -> None:
-        q = self._queue
-        assert q is not None
-        await q.put((record, None))
-
     async def emit_durable(self, record: AuditRecord) -> None:
-        q = self._queue
-        if q is None or self._closed or self._dead:
+        if not self._started or self._closed or self._dead:
             raise AuditUnavailable("audit sink is not running")
         if self._degraded:
             raise AuditUnavailable(f"audit writer degraded: {self._last_error}")
@@ -293,205 +256,270 @@ class DuckDBSink:
             self._wake.set()
             await self._spill_drained.wait()
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        await q.put((record, fut))
+        if len(self._pending) >= self._queue_size:
+            self._wake.set()
+            await self._wait_for_space()
+        self._pending.append((record, fut))
         self._wake.set()
         await fut
 
-    # --- served through the writer thread ---------------------------------------------------
+    async def _wait_for_space(self) -> None:
+        while len(self._pending) >= self._queue_size:
+            self._space.clear()
+            await self._space.wait()
+
+    # --- served by the writer process, in order with the writes ------------------------------
 
     async def query(self, sql: str, *, max_rows: int | None = None) -> QueryResult:
         """A read-only analyst query on the live file, serialized with the writes."""
-        conn, ex = self._conn, self._executor
-        if conn is None or ex is None or self._closed:
-            raise AuditUnavailable("audit sink is not running")
-        return await asyncio.get_running_loop().run_in_executor(
-            ex, lambda: run_query(conn, sql, max_rows=max_rows)
-        )
+        result: QueryResult = await self._request(wire.QUERY, sql, max_rows)
+        return result
 
     async def verify(self) -> VerifyResult:
         """Check the chain and checkpoints of the live file (committed rows), serialized with
         the writes."""
-        from pgproxy.audit.verify import verify_connection
-
-        conn, ex = self._conn, self._executor
-        if conn is None or ex is None or self._closed:
-            raise AuditUnavailable("audit sink is not running")
-
-        def run() -> VerifyResult:
-            cur = conn.cursor()
-            try:
-                return verify_connection(cur, str(self.path), self._key)
-            finally:
-                cur.close()
-
-        return await asyncio.get_running_loop().run_in_executor(ex, run)
+        result: VerifyResult = await self._request(wire.VERIFY)
+        return result
 
     async def export_parquet(self, out_dir: str | os.PathLike[str]) -> list[str]:
         """Export the views as day-partitioned Parquet (``out_dir`` must be ``export_dir`` or
         inside it: the writer connection cannot reach other directories)."""
-        from pgproxy.audit.export import export_parquet
+        result: list[str] = await self._request(wire.EXPORT, os.fspath(out_dir))
+        return result
 
-        conn, ex = self._conn, self._executor
-        if conn is None or ex is None or self._closed:
+    async def _request(self, kind: int, *args: Any) -> Any:
+        proc = self._proc
+        if self._closed or not self._started or proc is None or proc.stdin is None:
             raise AuditUnavailable("audit sink is not running")
-        return await asyncio.get_running_loop().run_in_executor(
-            ex, lambda: export_parquet(conn, out_dir)
+        if not self._live:
+            raise AuditUnavailable(f"audit writer is restarting: {self._last_error}")
+        self._next_request += 1
+        rid = self._next_request
+        fut: asyncio.Future[tuple[bool, Any]] = asyncio.get_running_loop().create_future()
+        self._requests[rid] = fut
+        try:
+            proc.stdin.write(wire.frame(kind, marshal.dumps((rid, *args))))
+            ok, result = await fut
+        finally:
+            self._requests.pop(rid, None)
+        if ok:
+            return result
+        why, message = result
+        if why == "rejected":
+            raise QueryRejected(message)
+        raise AuditQueryError(message)
+
+    def inject_faults(
+        self, *, fail_next: int = 0, after_commit: bool = False, hold: bool = False
+    ) -> None:
+        """Test hook (fault injection in the writer process): make the next ``fail_next``
+        commits fail with ``OSError`` "No space left on device" (after committing, with
+        ``after_commit``), and hold every commit until called again with ``hold=False``."""
+        proc = self._proc
+        assert proc is not None and proc.stdin is not None and self._live
+        proc.stdin.write(
+            wire.frame(wire.TEST_FAULTS, marshal.dumps((fail_next, after_commit, hold)))
         )
 
-    # --- writer thread ----------------------------------------------------------------------
+    # --- the writer process -----------------------------------------------------------------
 
-    def _open(self) -> None:
+    async def _spawn(self) -> int:
+        """Start the writer process; returns the chain's head seq once the file is open."""
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            # one thread: the audit must not compete with the proxy for the cores. No memory
-            # limit: a capped DuckDB fails large batches (out of memory), and a failing writer
-            # stops every session (records wait, fail closed).
-            conn = duckdb.connect(str(self.path), config={"threads": 1})
-        except (duckdb.Error, OSError) as exc:
-            raise AuditUnavailable(f"cannot open audit file {self.path}: {exc}") from exc
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "pgproxy.audit.writer",
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            )  # fmt: skip
+        except OSError as exc:
+            raise AuditUnavailable(f"cannot start the audit writer process: {exc}") from exc
+        assert proc.stdin is not None and proc.stdout is not None
+        cfg = (
+            os.fspath(self.path), self._key, self.checkpoint_every,
+            os.fspath(self.export_dir) if self.export_dir is not None else None,
+            self.retry_initial, self.retry_max,
+        )  # fmt: skip
         try:
-            for t in schema.TABLES:
-                conn.execute(t.create_sql())
-            for v in schema.VIEWS_SQL:
-                conn.execute(v)
-            conn.execute(schema.STAGE_SQL)
-            row = conn.execute(
-                "SELECT seq, row_hash FROM audit_rows ORDER BY seq DESC LIMIT 1"
-            ).fetchone()
-            if row is not None:
-                self._seq, self._head = int(row[0]), str(row[1])
-            self._committed_seq, self._committed_hash = self._seq, self._head
-            last_cp = self._last_checkpoint_seq()
-            if last_cp > self._seq:
-                raise AuditUnavailable(
-                    f"audit file {self.path} ends at seq {self._seq} but its checkpoint file "
-                    f"names seq {last_cp}: it was truncated (run `pgproxy audit verify`)"
-                )
-            chain.append_checkpoint(
-                self.checkpoints_path,
-                chain.make_checkpoint(self._key, self._seq, self._head, _now_iso()),
-            )
-            self._checkpointed_seq = self._seq
-            if self.export_dir is not None:
-                self.export_dir.mkdir(parents=True, exist_ok=True)
-                allowed = str(self.export_dir.resolve()).replace("'", "''") + "/"
-                conn.execute(f"SET allowed_directories = ['{allowed}']")
-            conn.execute("SET enable_external_access = false")
-        except AuditUnavailable:
-            conn.close()
+            proc.stdin.write(wire.frame(wire.CONFIG, marshal.dumps(cfg)))
+            kind, payload = await _read_frame(proc.stdout)
+        except (OSError, asyncio.IncompleteReadError):
+            code = await proc.wait()
+            raise AuditUnavailable(
+                f"audit writer process for {self.path} exited at start (code {code})"
+            ) from None
+        except BaseException:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
             raise
-        except (duckdb.Error, OSError) as exc:
-            conn.close()
-            raise AuditUnavailable(f"cannot use audit file {self.path}: {exc}") from exc
-        self._conn = conn
+        if kind != wire.HELLO:
+            message = marshal.loads(payload)[0] if kind == wire.FATAL else "protocol error"
+            with contextlib.suppress(OSError):
+                proc.stdin.close()
+            await proc.wait()
+            raise AuditUnavailable(message)
+        self._proc = proc
+        self._live = True
+        self._reader = asyncio.create_task(self._read_replies(proc), name="pgproxy-audit-replies")
+        head: int = marshal.loads(payload)[0]
+        return head
 
-    def _last_checkpoint_seq(self) -> int:
-        if not self.checkpoints_path.exists():
-            return 0
+    async def _read_replies(self, proc: asyncio.subprocess.Process) -> None:
+        assert proc.stdout is not None
         try:
-            seqs = [cp.seq for _, cp in chain.read_checkpoints(self.checkpoints_path)]
-        except chain.BadCheckpointLine as exc:
-            raise AuditUnavailable(f"{self.checkpoints_path}: {exc}") from exc
-        return max(seqs, default=0)
-
-    def _prepare(self, records: Sequence[AuditRecord]) -> PreparedBatch:
-        rows: list[tuple[str, int, str, str, str]] = []
-        seq, prev = self._seq, self._head
-        for rec in records:
-            seq += 1
-            try:
-                table, values = schema.row_values(rec)
-                canon = chain.canonical(table, seq, values)
-                h = chain.row_hash(prev, canon)
-            except Exception as exc:  # a malformed record must not wedge the writer
-                log.error("audit record %s rejected: %s", type(rec).__name__, type(exc).__name__)
-                bad = PolicyEvent(
-                    ts=datetime.now(UTC),
-                    event="audit_record_rejected",
-                    detail=f"{type(rec).__name__}: {type(exc).__name__}",
-                )
-                table, values = schema.row_values(bad)
-                canon = chain.canonical(table, seq, values)
-                h = chain.row_hash(prev, canon)
-            rows.append((table, seq, prev, h, canon))
-            prev = h
-        self._seq, self._head = seq, prev
-        return PreparedBatch(rows, frozenset(r[0] for r in rows))
-
-    def _commit(self, batch: PreparedBatch, retry: bool) -> None:
-        conn = self._conn
-        assert conn is not None
-        if not (retry and self._is_committed(batch)):
-            self.write_batch(conn, batch)
-        self._committed_seq, self._committed_hash = batch.last_seq, batch.last_hash
-        if batch.last_seq - self._checkpointed_seq >= self.checkpoint_every:
-            self._checkpoint(batch.last_seq, batch.last_hash)
-
-    def _is_committed(self, batch: PreparedBatch) -> bool:
-        assert self._conn is not None
-        table, seq = batch.rows[-1][0], batch.last_seq
-        try:
-            row = self._conn.execute(f"SELECT count(*) FROM {table} WHERE seq = ?", [seq])
-            found = row.fetchone()
-        except duckdb.Error:
-            return False
-        return bool(found and found[0])
-
-    def _checkpoint(self, seq: int, row_hash: str) -> None:
-        cp = chain.make_checkpoint(self._key, seq, row_hash, _now_iso())
-        chain.append_checkpoint(self.checkpoints_path, cp)
-        self._checkpointed_seq = seq
-
-    def _shutdown_conn(self, final_checkpoint: bool) -> None:
-        conn, self._conn = self._conn, None
-        if conn is None:
+            while True:
+                kind, payload = await _read_frame(proc.stdout)
+                if kind == wire.ACK:
+                    self._on_ack(*marshal.loads(payload))
+                elif kind == wire.FAIL:
+                    self._on_fail(*marshal.loads(payload))
+                elif kind == wire.REPLY:
+                    rid, ok, result = pickle.loads(payload)
+                    fut = self._requests.get(rid)
+                    if fut is not None and not fut.done():
+                        fut.set_result((ok, result))
+        except (asyncio.IncompleteReadError, OSError):
+            pass
+        code = await proc.wait()
+        self._live = False
+        for fut in self._requests.values():
+            if not fut.done():
+                fut.set_exception(AuditUnavailable("the audit writer process exited"))
+        if self._closing_proc:
             return
-        try:
-            if final_checkpoint and self._committed_seq > self._checkpointed_seq:
-                self._checkpoint(self._committed_seq, self._committed_hash)
-            if final_checkpoint:
-                conn.execute("CHECKPOINT")
-        finally:
-            conn.close()
+        self._last_error = f"audit writer process exited with code {code}"
+        self._degraded = True
+        log.error("audit writer process died (exit code %s): degraded, restarting it", code)
+        for b in self._in_flight:
+            self._fail(b, self._last_error)
+        self._restart_task = asyncio.create_task(self._restart(), name="pgproxy-audit-restart")
 
-    def _load_spill(self, path: Path) -> list[AuditRecord]:
-        out: list[AuditRecord] = []
-        with path.open(encoding="utf-8") as fh:
-            for line in fh:
-                if line.strip():
-                    out.append(schema.record_from_json(line))
-        return out
+    async def _restart(self) -> None:
+        """Start a new writer process: at once after a death, with backoff while it keeps
+        failing to start or dying before it commits anything."""
+        while True:
+            await asyncio.sleep(self._restart_delay)
+            self._restart_delay = min(
+                max(self.retry_initial, self._restart_delay * 2), self.retry_max
+            )
+            if self._closing_proc:
+                return
+            try:
+                head = await self._spawn()
+            except AuditUnavailable as exc:
+                self._last_error = str(exc)[:300]
+                log.error("audit writer restart failed: %s", self._last_error)
+                continue
+            break
+        self.restarts += 1
+        # The file holds every batch committed before the process died: records map 1:1 to
+        # seqs, so the first ``head - acked`` unacknowledged records are already there.
+        committed = head - self._acked_seq
+        self._acked_seq = head
+        while committed > 0 and self._in_flight:
+            b = self._in_flight[0]
+            take = min(committed, len(b.records))
+            del b.records[:take]
+            committed -= take
+            self.rows_written += take
+            if not b.records:
+                self._in_flight.popleft()
+        self._in_flight_changed.set()
+        log.warning("audit writer process restarted at seq %d", head)
+        for b in self._in_flight:
+            self._send(b)
+        if not self._in_flight:
+            self._degraded = False
+
+    def _send(self, b: _Batch) -> None:
+        proc = self._proc
+        if proc is None or proc.stdin is None or not self._live:
+            return  # re-sent by _restart
+        proc.stdin.write(wire.encode_batch(b.batch_id, b.records))
+
+    def _on_ack(self, batch_id: int, last_seq: int) -> None:
+        while self._in_flight:
+            b = self._in_flight.popleft()
+            self.rows_written += len(b.records)
+            for f in b.futures:
+                if not f.done():
+                    f.set_result(None)
+            if b.batch_id == batch_id:
+                break
+        self._acked_seq = last_seq
+        self._restart_delay = 0.0
+        self._in_flight_changed.set()
+        if self._degraded:
+            log.warning("audit writes recovered")
+        self._degraded = False
+
+    def _on_fail(self, batch_id: int, error: str) -> None:
+        self.write_failures += 1
+        self._last_error = error
+        if not self._degraded:
+            log.error("audit write failed, degraded until it succeeds: %s", error)
+        self._degraded = True
+        for b in self._in_flight:
+            if b.batch_id == batch_id:
+                self._fail(b, error)
+
+    @staticmethod
+    def _fail(b: _Batch, error: str) -> None:
+        for f in b.futures:
+            if not f.done():
+                f.set_exception(AuditUnavailable(f"audit write failed: {error}"))
+        b.futures = []
+
+    async def _stop_process(self, *, kill: bool) -> None:
+        """Close the writer's input (it commits what it has, checkpoints and exits), or kill
+        it; wait for it either way: no orphan outlives the sink."""
+        self._closing_proc = True
+        if self._restart_task is not None:
+            self._restart_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._restart_task
+        proc = self._proc
+        if proc is None:
+            return
+        if kill:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+        elif proc.stdin is not None:
+            with contextlib.suppress(OSError):
+                proc.stdin.close()
+        await proc.wait()
+        if self._reader is not None:
+            await self._reader
+        self._live = False
 
     # --- writer task (event loop) -----------------------------------------------------------
 
     async def _run(self) -> None:
-        q = self._queue
-        assert q is not None
         while True:
-            if not self._stopping and q.empty() and not self._spill_pending and not self.spilling:
+            if (
+                not self._stopping
+                and not self._pending
+                and not self._spill_pending
+                and not self.spilling
+            ):
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self.flush_interval)
             self._wake.clear()
-            items: list[tuple[AuditRecord, asyncio.Future[None] | None]] = []
-            while True:
-                try:
-                    items.append(q.get_nowait())
-                except asyncio.QueueEmpty:
-                    break
+            items = list(self._pending)
+            self._pending.clear()
+            self._space.set()
             replay = self._rotate_spill()
             if items:
                 await self._write([r for r, _ in items], [f for _, f in items if f is not None])
             for path in replay:
                 await self._replay(path)
-            if self._stopping and not items and not replay and q.empty() and not self.spilling:
+            if self._stopping and not (items or replay or self._pending or self.spilling):
                 await self._committed()
                 return
 
     async def _replay(self, path: Path) -> None:
         loop = asyncio.get_running_loop()
-        assert self._prep_executor is not None
         try:
-            records = await loop.run_in_executor(self._prep_executor, self._load_spill, path)
+            records = await loop.run_in_executor(None, self._load_spill, path)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             # Keep the file for a human; never loop on it.
             bad = path.with_name(path.name + ".unreadable")
@@ -507,58 +535,30 @@ class DuckDBSink:
             self._spill_pending.remove(path)
         log.info("audit spill file %s replayed (%d records)", path.name, len(records))
 
+    @staticmethod
+    def _load_spill(path: Path) -> list[AuditRecord]:
+        out: list[AuditRecord] = []
+        with path.open(encoding="utf-8") as fh:
+            for line in fh:
+                if line.strip():
+                    out.append(schema.record_from_json(line))
+        return out
+
     async def _write(self, records: list[AuditRecord], futures: list[asyncio.Future[None]]) -> None:
-        """Chain the batch on the prepare thread while the previous batch commits on the
-        DuckDB thread (two stages: serializing holds the GIL, DuckDB's insert mostly not)."""
-        assert self._prep_executor is not None
-        self._uncommitted.append(records)
-        batch = await asyncio.get_running_loop().run_in_executor(
-            self._prep_executor, self._prepare, records
-        )
-        await self._committed()
-        self._commit_task = asyncio.create_task(self._commit_with_retry(batch, futures))
+        """Send one batch once fewer than ``_MAX_IN_FLIGHT`` are unacknowledged."""
+        while len(self._in_flight) >= _MAX_IN_FLIGHT:
+            self._in_flight_changed.clear()
+            await self._in_flight_changed.wait()
+        self._next_batch += 1
+        b = _Batch(self._next_batch, records, futures)
+        self._in_flight.append(b)
+        self._send(b)
 
     async def _committed(self) -> None:
-        """Wait until every batch handed to the DuckDB thread has committed."""
-        task, self._commit_task = self._commit_task, None
-        if task is not None:
-            await task
-
-    async def _commit_with_retry(
-        self, batch: PreparedBatch, futures: list[asyncio.Future[None]]
-    ) -> None:
-        loop = asyncio.get_running_loop()
-        ex = self._executor
-        assert ex is not None
-        delay = self.retry_initial
-        retry = False
-        while True:
-            try:
-                await loop.run_in_executor(ex, self._commit, batch, retry)
-                break
-            except Exception as exc:
-                retry = True
-                self._last_error = f"{type(exc).__name__}: {exc}"[:300]
-                if not self._degraded:
-                    log.error(
-                        "audit write failed, degraded until it succeeds: %s", self._last_error
-                    )
-                self._degraded = True
-                for f in futures:
-                    if not f.done():
-                        f.set_exception(AuditUnavailable(f"audit write failed: {self._last_error}"))
-                futures = []
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self.retry_max)
-        if self._uncommitted:
-            self._uncommitted.pop(0)
-        if self._degraded:
-            log.warning("audit writes recovered")
-        self._degraded = False
-        self.rows_written += len(batch.rows)
-        for f in futures:
-            if not f.done():
-                f.set_result(None)
+        """Wait until every batch sent has been acknowledged."""
+        while self._in_flight:
+            self._in_flight_changed.clear()
+            await self._in_flight_changed.wait()
 
     # --- spill (event loop only) ------------------------------------------------------------
 
@@ -588,7 +588,7 @@ class DuckDBSink:
     def _rotate_spill(self) -> list[Path]:
         """Called with the queue empty: close the active spill file and hand every pending
         spill file to the writer, oldest first."""
-        if self._queue is not None and not self._queue.empty():
+        if self._pending:
             return []
         if self._spill_fh is not None:
             self._spill_fh.close()
@@ -601,15 +601,12 @@ class DuckDBSink:
 
     def _rescue_unwritten(self) -> int:
         """At a failed close: move in-flight and queued records to the spill file."""
-        records = [r for batch in self._uncommitted for r in batch]
-        if self._commit_task is not None:
-            self._commit_task.cancel()
-        q = self._queue
-        while q is not None:
-            try:
-                rec, fut = q.get_nowait()
-            except asyncio.QueueEmpty:
-                break
+        records = [r for b in self._in_flight for r in b.records]
+        for b in self._in_flight:
+            self._fail(b, "audit closed before the record was written")
+        self._in_flight.clear()
+        while self._pending:
+            rec, fut = self._pending.popleft()
             records.append(rec)
             if fut is not None and not fut.done():
                 fut.set_exception(AuditUnavailable("audit closed before the record was written"))
@@ -621,3 +618,8 @@ class DuckDBSink:
             self._spill_fh.close()
             self._spill_fh = None
         return len(records)
+
+
+async def _read_frame(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    size, kind = wire.HEADER.unpack(await reader.readexactly(wire.HEADER.size))
+    return kind, await reader.readexactly(size)

@@ -14,9 +14,10 @@ import heapq
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import duckdb
+if TYPE_CHECKING:
+    import duckdb
 
 from pgproxy.audit import chain, schema
 from pgproxy.audit.query import AuditQueryError
@@ -57,6 +58,8 @@ def _rows(conn: duckdb.DuckDBPyConnection, table: schema.Table) -> Iterator[tupl
 
 def verify(path: str | os.PathLike[str], signing_key: bytes | None) -> VerifyResult:
     """Verify the audit at ``path`` (opened read-only) against ``<path>.checkpoints``."""
+    import duckdb
+
     p = os.fspath(path)
     if not os.path.exists(p):
         raise AuditQueryError(f"no audit file at {p}")

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import shutil
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import duckdb
+import pytest
 
 from pgproxy.audit.records import (
     ApprovalEvent,
@@ -156,3 +160,50 @@ def snapshot(db: Path, into: Path) -> duckdb.DuckDBPyConnection:
         if src.exists():
             shutil.copyfile(src, Path(str(copy) + suffix))
     return duckdb.connect(str(copy))
+
+
+def child_pids(pid: int) -> list[int]:
+    """The direct children of ``pid`` (Linux ``/proc/<pid>/task/*/children``)."""
+    out: list[int] = []
+    for f in Path(f"/proc/{pid}/task").glob("*/children"):
+        with contextlib.suppress(OSError):
+            out += [int(p) for p in f.read_text().split()]
+    return out
+
+
+def process_gone(pid: int) -> bool:
+    """True once ``pid`` has exited (a zombie nobody reaped yet counts as exited)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
+
+
+def wait_process_gone(pid: int, timeout: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not process_gone(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def writer_processes() -> list[int]:
+    """This process's audit writer children that have not exited."""
+    out = []
+    for pid in child_pids(os.getpid()):
+        with contextlib.suppress(OSError):
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+            if b"pgproxy.audit.writer" in cmd and not process_gone(pid):
+                out.append(pid)
+    return out
+
+
+@pytest.fixture(autouse=True)
+def no_orphan_writer_processes() -> object:
+    """Every audit test ends without an audit writer process left running."""
+    before = set(writer_processes())
+    yield
+    left = set(writer_processes()) - before
+    assert not left, f"audit writer processes left running: {sorted(left)}"

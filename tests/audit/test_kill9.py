@@ -1,5 +1,5 @@
-"""kill -9 in the middle of a load: the audit still verifies and every record whose
-``emit_durable`` returned is there."""
+"""kill -9 in the middle of a load: the audit writer process commits what it received and exits
+(no orphan), the audit verifies and every record whose ``emit_durable`` returned is there."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import duckdb
 
 from pgproxy.audit.verify import verify
 
-from .conftest import KEY
+from .conftest import KEY, child_pids, wait_process_gone
 
 WRITER = r"""
 import asyncio, sys
@@ -65,6 +65,8 @@ def test_sigkill_mid_load_keeps_durable_records_and_chain(tmp_path: Path) -> Non
     try:
         assert enough.wait(60), "writer produced too little"
         assert proc.poll() is None, "writer exited by itself"
+        writers = child_pids(proc.pid)
+        assert len(writers) == 1, writers  # the audit writer process
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         proc.kill()
@@ -72,6 +74,8 @@ def test_sigkill_mid_load_keeps_durable_records_and_chain(tmp_path: Path) -> Non
     reader.join(10)
     assert proc.returncode == -signal.SIGKILL
     assert len(durable) >= 300
+    # its input closed, the writer process finishes and exits by itself
+    assert wait_process_gone(writers[0]), "audit writer process outlived the proxy"
 
     result = verify(path, KEY)
     assert result.ok, result.first_bad

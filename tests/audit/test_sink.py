@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import duckdb
@@ -13,7 +12,7 @@ import pytest
 
 from pgproxy.audit import schema
 from pgproxy.audit.records import PolicyEvent, StatementRecord
-from pgproxy.audit.sink import AuditUnavailable, DuckDBSink, PreparedBatch, WriteBatch
+from pgproxy.audit.sink import AuditUnavailable, DuckDBSink
 from pgproxy.audit.verify import verify
 
 from .conftest import KEY, T0, snapshot, stmt, wait_until
@@ -77,14 +76,6 @@ async def test_close_flushes_everything_and_checkpoints(tmp_path: Path) -> None:
         await sink.emit(stmt("late"))
 
 
-def _blocking(real: WriteBatch, gate: threading.Event) -> WriteBatch:
-    def write(conn: duckdb.DuckDBPyConnection, batch: PreparedBatch) -> None:
-        gate.wait(10)
-        real(conn, batch)
-
-    return write
-
-
 async def test_spill_mode_keeps_every_record_in_order(tmp_path: Path) -> None:
     path = tmp_path / "a.duckdb"
     spill = tmp_path / "spill"
@@ -92,13 +83,12 @@ async def test_spill_mode_keeps_every_record_in_order(tmp_path: Path) -> None:
         path, signing_key=KEY, queue_size=4, on_full="spill", spill_dir=spill, flush_interval=0.05
     )
     await sink.start()
-    gate = threading.Event()
-    sink.write_batch = _blocking(sink.write_batch, gate)  # the disk is slow
+    sink.inject_faults(hold=True)  # the disk is slow: commits wait until released
     for i in range(200):
         await sink.emit(stmt(f"s{i:03d}"))  # never waits
     assert sink.spilled_total > 100
     assert list(spill.glob("*.spill.*.jsonl"))
-    gate.set()
+    sink.inject_faults(hold=False)
     await sink.close()
     with duckdb.connect(str(path), read_only=True) as conn:
         assert _ids(conn) == [f"s{i:03d}" for i in range(200)]
@@ -112,15 +102,14 @@ async def test_emit_durable_while_spilling_waits_for_older_spilled_records(tmp_p
         path, signing_key=KEY, queue_size=2, on_full="spill", spill_dir=tmp_path, flush_interval=30
     )
     await sink.start()
-    gate = threading.Event()
-    sink.write_batch = _blocking(sink.write_batch, gate)
+    sink.inject_faults(hold=True)
     for i in range(20):
         await sink.emit(stmt(f"s{i:02d}"))
     assert sink.spilling
     durable = asyncio.create_task(sink.emit_durable(stmt("durable")))
     await asyncio.sleep(0.05)
     assert not durable.done()
-    gate.set()
+    sink.inject_faults(hold=False)
     await asyncio.wait_for(durable, 10)
     with snapshot(path, tmp_path / "snap") as conn:
         assert _ids(conn) == [*(f"s{i:02d}" for i in range(20)), "durable"]
@@ -144,16 +133,42 @@ async def test_spill_left_by_a_previous_run_is_replayed_at_start(tmp_path: Path)
 async def test_wait_mode_applies_backpressure(tmp_path: Path) -> None:
     sink = DuckDBSink(tmp_path / "a.duckdb", signing_key=KEY, queue_size=2, flush_interval=30)
     await sink.start()
-    gate = threading.Event()
-    sink.write_batch = _blocking(sink.write_batch, gate)
+    sink.inject_faults(hold=True)
     blocked = asyncio.create_task(_emit_many(sink, 40))
     await asyncio.sleep(0.1)
     assert not blocked.done()  # emit waits: fail closed, nothing dropped
-    gate.set()
+    sink.inject_faults(hold=False)
     await asyncio.wait_for(blocked, 10)
     await sink.close()
     with duckdb.connect(str(tmp_path / "a.duckdb"), read_only=True) as conn:
         assert len(_ids(conn)) == 40
+
+
+async def test_offer_takes_what_fits_and_declines_the_rest(tmp_path: Path) -> None:
+    """``offer`` is ``emit`` for callers that cannot wait: it never drops a record silently."""
+    sink = DuckDBSink(tmp_path / "a.duckdb", signing_key=KEY, queue_size=2, flush_interval=30)
+    await sink.start()
+    sink.inject_faults(hold=True)
+    taken: list[str] = []
+    declined = 0
+    for _ in range(40):  # until the held writer has taken all it can and the queue is full
+        if sink.offer(stmt(f"s{len(taken)}")):
+            taken.append(f"s{len(taken)}")
+            declined = 0
+        else:
+            declined += 1
+            if declined == 3:
+                break
+            await asyncio.sleep(0.1)
+    assert declined == 3 and 0 < len(taken) < 40
+    waiting = asyncio.create_task(sink.emit(stmt("late")))
+    await asyncio.sleep(0.05)
+    assert not waiting.done()
+    sink.inject_faults(hold=False)
+    await asyncio.wait_for(waiting, 10)
+    await sink.close()
+    with duckdb.connect(str(tmp_path / "a.duckdb"), read_only=True) as conn:
+        assert _ids(conn) == [*taken, "late"]
 
 
 async def _emit_many(sink: DuckDBSink, n: int) -> None:
@@ -161,29 +176,11 @@ async def _emit_many(sink: DuckDBSink, n: int) -> None:
         await sink.emit(stmt(f"s{i}"))
 
 
-class FlakyWrite:
-    """Raises OSError (disk full) for the first ``failures`` calls, then writes."""
-
-    def __init__(self, real: WriteBatch, failures: int, after_commit: bool = False) -> None:
-        self.real, self.left, self.after_commit = real, failures, after_commit
-        self.calls = 0
-
-    def __call__(self, conn: duckdb.DuckDBPyConnection, batch: PreparedBatch) -> None:
-        self.calls += 1
-        if self.left > 0:
-            self.left -= 1
-            if self.after_commit:
-                self.real(conn, batch)  # committed, then the error: the retry must not duplicate
-            raise OSError(28, "No space left on device")
-        self.real(conn, batch)
-
-
 async def test_write_errors_degrade_then_recover(tmp_path: Path) -> None:
     path = tmp_path / "a.duckdb"
     sink = DuckDBSink(path, signing_key=KEY, flush_interval=0.02, retry_initial=0.3, retry_max=0.3)
     await sink.start()
-    flaky = FlakyWrite(sink.write_batch, failures=3)
-    sink.write_batch = flaky
+    sink.inject_faults(fail_next=3)  # disk full for three commits
     await sink.emit(stmt("kept-1"))
     await wait_until(lambda: sink.degraded)
     assert "No space left" in sink.last_error
@@ -193,7 +190,7 @@ async def test_write_errors_degrade_then_recover(tmp_path: Path) -> None:
     await wait_until(lambda: not sink.degraded, timeout=10)
     await sink.emit_durable(stmt("after"))
     await sink.close()
-    assert flaky.calls >= 4
+    assert sink.write_failures == 3
     with duckdb.connect(str(path), read_only=True) as conn:
         assert _ids(conn) == ["kept-1", "kept-2", "after"]
     assert verify(path, KEY).ok
@@ -203,7 +200,7 @@ async def test_durable_waiter_in_a_failing_batch_gets_audit_unavailable(tmp_path
     path = tmp_path / "a.duckdb"
     sink = DuckDBSink(path, signing_key=KEY, retry_initial=0.05, retry_max=0.05)
     await sink.start()
-    sink.write_batch = FlakyWrite(sink.write_batch, failures=2)
+    sink.inject_faults(fail_next=2)
     with pytest.raises(AuditUnavailable):
         await sink.emit_durable(stmt("d"))
     await wait_until(lambda: not sink.degraded)
@@ -216,7 +213,7 @@ async def test_error_after_commit_does_not_duplicate_rows(tmp_path: Path) -> Non
     path = tmp_path / "a.duckdb"
     sink = DuckDBSink(path, signing_key=KEY, retry_initial=0.01, flush_interval=0.02)
     await sink.start()
-    sink.write_batch = FlakyWrite(sink.write_batch, failures=1, after_commit=True)
+    sink.inject_faults(fail_next=1, after_commit=True)  # committed, then the error
     await sink.emit(stmt("once"))
     await wait_until(lambda: sink.rows_written == 1)
     assert not sink.degraded
@@ -232,7 +229,7 @@ async def test_close_timeout_moves_unwritten_records_to_spill(tmp_path: Path) ->
         path, signing_key=KEY, spill_dir=tmp_path / "spill", retry_initial=0.05, retry_max=0.05
     )
     await sink.start()
-    sink.write_batch = FlakyWrite(sink.write_batch, failures=10**6)
+    sink.inject_faults(fail_next=10**6)
     await sink.emit(stmt("stuck"))
     with pytest.raises(AuditUnavailable, match="spill"):
         await sink.close(timeout=0.5)

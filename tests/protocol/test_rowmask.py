@@ -116,9 +116,7 @@ def runs(draw: st.DrawFn) -> tuple[bytes, list[tuple[int, int, int]]]:
     """A chunk of messages, mostly DataRows, some malformed, and its frames."""
     chunk = b""
     for _ in range(draw(st.integers(1, 6))):
-        kind = draw(
-            st.sampled_from(["row"] * 6 + ["odd-count", "cut", "corrupt", "other"])
-        )
+        kind = draw(st.sampled_from(["row"] * 6 + ["odd-count", "cut", "corrupt", "other"]))
         cells = draw(st.lists(values, max_size=6))
         if kind == "other":
             msg = b"C\x00\x00\x00\x0dSELECT 1\x00"
@@ -148,8 +146,12 @@ def plans(draw: st.DrawFn) -> tuple[RowPlan, tuple[int, ...]]:
 
 
 def run(
-    loop: rowmask.RewriteRows, chunk: bytes, frames: list[tuple[int, int, int]], first: int,
-    room: int, actions: tuple[rowmask.Action, ...],
+    loop: rowmask.RewriteRows,
+    chunk: bytes,
+    frames: list[tuple[int, int, int]],
+    first: int,
+    room: int,
+    actions: tuple[rowmask.Action, ...],
 ) -> tuple[object, bytes]:
     out = bytearray(b"prefix")
     try:
@@ -245,7 +247,9 @@ date_values = st.one_of(
 @needs_ext
 @PROPS
 @given(date_values, st.sampled_from([0, 1]), st.sampled_from(["dob", "date"]))
-def test_native_year_of_date_equals_the_year_only_rewriter(value: bytes, fmt: int, tag: str) -> None:
+def test_native_year_of_date_equals_the_year_only_rewriter(
+    value: bytes, fmt: int, tag: str
+) -> None:
     rw = year_only(fmt, tag)
     plan = RowPlan({0: rw})
     actions = rowmask.compile_actions(plan, (fmt,))

@@ -1,0 +1,193 @@
+"""The pipe between ``DuckDBSink`` (proxy process) and the audit writer process.
+
+Frames are ``!IB`` (payload length, message type) followed by a ``marshal`` payload (a
+``pickle`` one for replies carrying query results). Records cross as compact tuples, a whole
+batch per frame: a ``StatementRecord`` is its fields with ``ts`` as integer microseconds since
+the epoch (naive UTC), so the proxy never formats or hashes anything; other record kinds (rare:
+sessions, approvals, policy events) cross as ``schema.row_values`` output; a record the proxy
+cannot encode crosses as a rejection marker. The writer process turns the tuples into each
+row's canonical serialization (``canonical_row``), which must equal
+``chain.canonical(table, seq, schema.row_values(record)[1])`` exactly: that is what
+``pgproxy audit verify`` recomputes. This module imports no DuckDB.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import marshal
+import struct
+from datetime import UTC, datetime, timedelta
+from typing import Any, Final
+
+from pgproxy.audit import chain, schema
+from pgproxy.audit.records import AuditRecord, StatementRecord
+
+HEADER: Final = struct.Struct("!IB")
+
+# proxy -> writer
+CONFIG: Final = 1  # (path, key, checkpoint_every, export_dir, retry_initial, retry_max)
+BATCH: Final = 2  # (batch_id, [encoded record, ...])
+QUERY: Final = 3  # (request_id, sql, max_rows)
+VERIFY: Final = 4  # (request_id,)
+EXPORT: Final = 5  # (request_id, out_dir)
+TEST_FAULTS: Final = 6  # (fail_next, after_commit, hold): the fault-injection test hook
+# writer -> proxy
+HELLO: Final = 20  # (head_seq,)
+FATAL: Final = 21  # (message,): the file cannot be opened; the writer exits
+ACK: Final = 22  # (batch_id, last_seq): committed
+FAIL: Final = 23  # (batch_id, error): a commit attempt failed, the writer retries
+REPLY: Final = 24  # pickle of (request_id, ok, result or (kind, message))
+
+# encoded record kinds
+K_STATEMENT: Final = 0
+K_VALUES: Final = 1
+K_REJECTED: Final = 2
+
+_EPOCH_AWARE: Final = datetime(1970, 1, 1, tzinfo=UTC)
+_EPOCH_NAIVE: Final = datetime(1970, 1, 1)
+_US: Final = timedelta(microseconds=1)
+
+
+def frame(kind: int, payload: bytes) -> bytes:
+    return HEADER.pack(len(payload), kind) + payload
+
+
+# --- proxy side ---------------------------------------------------------------------------
+
+
+def _generic(record: AuditRecord) -> tuple[Any, ...]:
+    try:
+        table, values = schema.row_values(record)
+        # a plain-typed copy (str subclasses, tuples...) that marshal accepts and that
+        # serializes to the same canonical text
+        plain = json.loads(chain.canonical(table, 0, values))[2:]
+        return (K_VALUES, table, plain)
+    except Exception as exc:
+        return (K_REJECTED, type(record).__name__, type(exc).__name__)
+
+
+def encode_record(r: AuditRecord) -> tuple[Any, ...]:
+    """One record as a marshal-able tuple (cheap for ``StatementRecord``)."""
+    if type(r) is StatementRecord:
+        try:
+            ts = r.ts
+            us = (ts - (_EPOCH_NAIVE if ts.tzinfo is None else _EPOCH_AWARE)) // _US
+        except Exception:
+            return _generic(r)
+        return (
+            K_STATEMENT, r.statement_id, r.session_id, us, r.agent, r.statement_class,
+            r.fingerprint, r.sql_redacted, r.decision, r.reasons, r.relations, r.columns,
+            r.tags, r.masked_columns, r.rows, r.duration_ms, r.sqlstate, r.approval_id,
+        )  # fmt: skip
+    return _generic(r)
+
+
+def encode_batch(batch_id: int, records: list[AuditRecord]) -> bytes:
+    """A ``BATCH`` frame for ``records``."""
+    encoded = [encode_record(r) for r in records]
+    try:
+        payload = marshal.dumps((batch_id, encoded))
+    except ValueError:  # an exotic value (a str subclass, an object): encode those generically
+        for i, t in enumerate(encoded):
+            try:
+                marshal.dumps(t)
+            except ValueError:
+                encoded[i] = _generic(records[i])
+        payload = marshal.dumps((batch_id, encoded))
+    return frame(BATCH, payload)
+
+
+# --- writer side --------------------------------------------------------------------------
+
+_q = json.encoder.c_encode_basestring or json.encoder.py_encode_basestring  # type: ignore[attr-defined]
+_iso_cache: list[Any] = [None, ""]
+
+
+def iso_from_us(us: int) -> str:
+    """``utc_iso`` of the datetime ``us`` microseconds after the epoch (naive UTC), without a
+    ``datetime`` per row: the seconds part is cached."""
+    sec, frac = divmod(us, 1_000_000)
+    cache = _iso_cache
+    if cache[0] != sec:
+        cache[1] = (_EPOCH_NAIVE + timedelta(seconds=sec)).isoformat()
+        cache[0] = sec
+    prefix: str = cache[1]
+    return prefix if not frac else f"{prefix}.{frac:06d}"
+
+
+def _strs(t: Any) -> str:
+    if type(t) is not tuple and type(t) is not list:
+        raise TypeError("not a sequence")
+    return "[" + ",".join(map(_q, t)) + "]"
+
+
+_STMT_HEAD: Final = '["' + schema.STATEMENT.name + '",'
+
+
+def _statement_values(t: tuple[Any, ...]) -> list[Any]:
+    return [
+        t[1], t[2], iso_from_us(t[3]), t[4], t[5], t[6], t[7], t[8], t[9], t[10], t[11], t[12],
+        t[13], schema._int(t[14]), schema._float(t[15]), t[16], t[17],
+    ]  # fmt: skip
+
+
+#: canonical text of a statement's middle fields (agent … masked_columns), keyed by their
+#: values: they repeat across records (one statement shape, one agent), so most rows format
+#: only their id, session, timestamp and counts. Holds only keys of str and str tuples.
+_middle: dict[tuple[Any, ...], str] = {}
+_MIDDLE_MAX: Final = 50_000
+
+
+def _statement_middle(key: tuple[Any, ...]) -> str:
+    text = (
+        f"{_q(key[0])},{_q(key[1])},{_q(key[2])},{_q(key[3])},{_q(key[4])},{_strs(key[5])},"
+        f"{_strs(key[6])},{_strs(key[7])},{_strs(key[8])},{_strs(key[9])}"
+    )
+    with contextlib.suppress(TypeError):  # unhashable (a list): not memoized
+        if len(_middle) >= _MIDDLE_MAX:
+            _middle.clear()
+        _middle[key] = text
+    return text
+
+
+def canonical_row(t: tuple[Any, ...], seq: int) -> tuple[str, str]:
+    """(table, canonical serialization) of an encoded record; raises what the generic
+    ``schema.row_values`` + ``chain.canonical`` would raise for a malformed record."""
+    kind = t[0]
+    if kind == K_STATEMENT:
+        rows = schema._int(t[14])
+        dur = schema._float(t[15])
+        try:
+            key = t[4:14]
+            try:
+                middle = _middle[key]
+            except (KeyError, TypeError):
+                middle = _statement_middle(key)
+            text = (
+                f'{_STMT_HEAD}{seq},{_q(t[1])},{_q(t[2])},"{iso_from_us(t[3])}",{middle},'
+                f"{rows!r},{dur!r},{_q(t[16])},{_q(t[17])}]"
+            )
+        except TypeError:  # a field of an unexpected type: the generic encoder decides
+            text = chain.canonical(schema.STATEMENT.name, seq, _statement_values(t))
+        return schema.STATEMENT.name, text
+    if kind == K_VALUES:
+        return t[1], chain.canonical(t[1], seq, t[2])
+    raise RejectedRecord(t[1], t[2])
+
+
+class RejectedRecord(ValueError):
+    """The proxy could not encode this record (``detail`` says which and why)."""
+
+    def __init__(self, record_type: str, exc_name: str) -> None:
+        super().__init__(f"{record_type}: {exc_name}")
+        self.detail = f"{record_type}: {exc_name}"
+
+
+def record_type_name(t: tuple[Any, ...]) -> str:
+    if t[0] == K_STATEMENT:
+        return "StatementRecord"
+    if t[0] == K_VALUES:
+        table = schema.TABLE_BY_NAME.get(t[1])
+        return table.record.__name__ if table is not None else "record"
+    return str(t[1])
