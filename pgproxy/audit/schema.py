@@ -48,10 +48,12 @@ class Table:
     columns: tuple[Column, ...]
 
     def create_sql(self) -> str:
+        # No PRIMARY KEY on seq: the hash chain (``verify``) already proves seq unique and in
+        # order, and an index would grow in the writer's memory with every row ever written.
         cols = ",\n  ".join(f"{c.name} {c.sqltype} NOT NULL" for c in self.columns)
         return (
             f"CREATE TABLE IF NOT EXISTS {self.name} (\n"
-            "  seq BIGINT NOT NULL PRIMARY KEY,\n  prev_hash VARCHAR NOT NULL,\n"
+            "  seq BIGINT NOT NULL,\n  prev_hash VARCHAR NOT NULL,\n"
             f"  row_hash VARCHAR NOT NULL,\n  {cols}\n)"
         )
 
