@@ -403,7 +403,7 @@ class Relay:
 
     def _on_query(self, chunk: bytes, start: int, end: int) -> bool | None:
         """Send (True) or hold (False) a Query; None: wait until nothing is in flight."""
-        sql = m.Query.decode(memoryview(chunk)[start + 5 : end]).sql
+        sql = _query_text(chunk, start, end)
         verdict = self._bulk(sql, self._decide(sql, self._ctx("query")))
         if self._pending and _row_limit(verdict) is not None:
             # a row-limited Query needs the transaction state it will run in (_send_query);
@@ -700,6 +700,22 @@ class Relay:
                                 run_start = -1
                             self._stop(head, _row_limit_error(limit), over_limit=True)
                             continue
+                if run_start < 0:
+                    run_start = start
+                continue
+            if (
+                head is not None
+                and head.kind == _QUERY
+                and not (head.stopped or head.internal)
+                and (
+                    tag in (T_COMMAND_COMPLETE, T_EMPTY)
+                    or (tag == T_ROW_DESC and (head.verdict is None or head.verdict.result is None))
+                )
+            ):
+                # a simple Query's result boundaries with no result policy: forwarded in the run
+                if tag != T_ROW_DESC:
+                    head.index += 1
+                    head.plan = None
                 if run_start < 0:
                     run_start = start
                 continue
@@ -1027,6 +1043,18 @@ class Relay:
         )
         self.events.append(ProtocolViolation(message, by_client))
         self.closed = True
+
+
+def _query_text(chunk: bytes, start: int, end: int) -> str:
+    """A Query message's SQL: the usual shape decoded directly, anything else by the decoder
+    (which raises the protocol error)."""
+    nul = chunk.find(b"\x00", start + 5, end)
+    if nul == end - 1:
+        try:
+            return chunk[start + 5 : nul].decode()
+        except UnicodeDecodeError:
+            pass
+    return m.Query.decode(memoryview(chunk)[start + 5 : end]).sql
 
 
 def _row_limit(verdict: Verdict) -> int | None:

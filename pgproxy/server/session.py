@@ -632,7 +632,7 @@ class ClientSession:
             relations=v.relations,
             columns=v.columns,
             tags=v.tags,
-            masked_columns=tuple(f"{c.ordinal}:{c.column}:{c.tag}:{c.operator}" for c in v.masks),
+            masked_columns=_masked_columns(v) if v.masks else (),
             rows=rows,
             duration_ms=(now - started).total_seconds() * 1000,
             sqlstate=sqlstate,
@@ -718,6 +718,10 @@ class ClientSession:
 
 def new_backend_key() -> tuple[int, int]:
     return secrets.randbelow(2**31 - 1) + 1, secrets.randbits(31)
+
+
+def _masked_columns(v: Verdict) -> tuple[str, ...]:
+    return tuple(f"{c.ordinal}:{c.column}:{c.tag}:{c.operator}" for c in v.masks)
 
 
 def _take_buffered(reader: asyncio.StreamReader) -> bytes:
