@@ -46,6 +46,9 @@ log = logging.getLogger("pgproxy.audit.writer")
 #: rows); a larger WAL only costs a longer replay when a crashed writer's file is reopened.
 _CHECKPOINT_THRESHOLD = "128MB"
 
+#: DuckDB's buffer pool for the audit file (its cache of written blocks; queries spill past it)
+_MEMORY_LIMIT = "256MB"
+
 #: retries of a failing batch once the input has closed (nobody is waiting any more)
 _RETRIES_AFTER_EOF = 8
 
@@ -161,12 +164,17 @@ class Writer:
     def open(self) -> None:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            # one thread: the audit must not compete with the proxy for the cores. No memory
-            # limit: a capped DuckDB fails large batches (out of memory), and a failing writer
-            # stops every session (records wait, fail closed).
+            # one thread: the audit must not compete with the proxy for the cores. A memory
+            # limit: without one DuckDB keeps every block it ever wrote cached (up to 80% of
+            # the machine's RAM), so the writer's RSS grew with the audit's size. Batches are
+            # bounded by the sink's queue (MBs), far below the limit.
             conn = duckdb.connect(
                 str(self.path),
-                config={"threads": 1, "checkpoint_threshold": _CHECKPOINT_THRESHOLD},
+                config={
+                    "threads": 1,
+                    "checkpoint_threshold": _CHECKPOINT_THRESHOLD,
+                    "memory_limit": _MEMORY_LIMIT,
+                },
             )
         except (duckdb.Error, OSError) as exc:
             raise OpenFailed(f"cannot open audit file {self.path}: {exc}") from exc

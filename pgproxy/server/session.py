@@ -4,8 +4,10 @@ Order of events: startup packets (SSLRequest ⇒ TLS when configured, GSSENCRequ
 CancelRequest ⇒ forwarded to the right upstream backend), StartupMessage checks (protocol minor
 version and ``_pq_`` options negotiated down, replication refused), agent authentication
 (SCRAM-SHA-256; cleartext only over TLS and only when enabled), then the proxy's own upstream
-connection with the real credentials, and finally the relay loop that pumps bytes through
-``pgproxy.protocol.relay.Relay`` in both directions with backpressure.
+connection with the real credentials, and finally the relay: both sockets are handed to small
+``asyncio.Protocol`` objects that feed ``pgproxy.protocol.relay.Relay`` and write what it queued
+from the transports' own callbacks, with backpressure (a full send buffer on one socket pauses
+reading from the other).
 """
 
 from __future__ import annotations
