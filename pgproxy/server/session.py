@@ -699,7 +699,14 @@ class ClientSession:
             return None  # the row limit at run time still applies
 
     async def _flush_after_release(self) -> None:
-        self._process()
+        self._process_guarded()
+
+    def _process_guarded(self) -> None:
+        """``_process`` outside a transport callback: a failure ends the session."""
+        try:
+            self._process()
+        except Exception as exc:
+            self._finish(exc)
 
     def _notice(self, text: str) -> None:
         with contextlib.suppress(Exception):
@@ -714,7 +721,7 @@ class ClientSession:
         relay = self.relay
         assert relay is not None and self.upstream is not None
         relay.release(False, "the held statement was cancelled by the client")
-        self._process()
+        self._process_guarded()
         return True
 
 
