@@ -34,7 +34,7 @@ class SessionEnded:
     reason: str = ""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one is made per statement, and frozen init costs 3x
 class StatementRecord:
     statement_id: str
     session_id: str

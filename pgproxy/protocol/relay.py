@@ -78,7 +78,7 @@ _INTERNAL_TAGS = frozenset(
 # ------------------------------------------------------------------------------------ events
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: made per statement (treat as immutable)
 class StatementAdmitted:
     """A statement was decided (whatever the decision) and its request sent upstream."""
 
@@ -90,7 +90,7 @@ class StatementAdmitted:
     decision_seconds: float = 0.0
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: made per statement (treat as immutable)
 class StatementFinished:
     statement_id: int
     verdict: Verdict
