@@ -69,6 +69,7 @@ T_COPY_IN, T_COPY_OUT, T_COPY_BOTH, T_COPY_DATA, T_COPY_DONE = (
 F_QUERY, F_PARSE, F_BIND, F_DESCRIBE, F_EXECUTE = ord("Q"), ord("P"), ord("B"), ord("D"), ord("E")
 F_CLOSE, F_SYNC, F_FLUSH, F_TERMINATE, F_FUNCTION = ord("C"), ord("S"), ord("H"), ord("X"), ord("F")
 F_COPY_DATA, F_COPY_DONE, F_COPY_FAIL = ord("d"), ord("c"), ord("f")
+_COMPLETIONS = frozenset((T_PARSE_COMPLETE, T_BIND_COMPLETE, T_CLOSE_COMPLETE, T_SUSPENDED))
 _INTERNAL_TAGS = frozenset(
     (T_PARSE_COMPLETE, T_BIND_COMPLETE, T_CLOSE_COMPLETE, T_NO_DATA, T_COMMAND_COMPLETE, T_EMPTY,
      T_SUSPENDED, T_ROW_DESC)
@@ -495,8 +496,11 @@ class Relay:
         self._pending.append(p)
 
     def _on_execute(self, chunk: bytes, start: int, end: int) -> bool:
-        msg = m.Execute.decode(memoryview(chunk)[start + 5 : end])
-        portal = self._portals.get(msg.portal)
+        if end - start == 10 and chunk[start + 5] == 0:
+            name = ""  # the unnamed portal, as most drivers send it
+        else:
+            name = m.Execute.decode(memoryview(chunk)[start + 5 : end]).portal
+        portal = self._portals.get(name)
         stmt = portal.statement if portal is not None else None
         if portal is None or stmt is None:
             # unknown to us, so unknown upstream too: Postgres answers with its own error
@@ -703,22 +707,27 @@ class Relay:
                 if run_start < 0:
                     run_start = start
                 continue
-            if (
-                head is not None
-                and head.kind == _QUERY
-                and not (head.stopped or head.internal)
-                and (
-                    tag in (T_COMMAND_COMPLETE, T_EMPTY)
-                    or (tag == T_ROW_DESC and (head.verdict is None or head.verdict.result is None))
-                )
-            ):
-                # a simple Query's result boundaries with no result policy: forwarded in the run
-                if tag != T_ROW_DESC:
-                    head.index += 1
-                    head.plan = None
-                if run_start < 0:
-                    run_start = start
-                continue
+            if head is not None and not (head.stopped or head.internal):
+                # the usual answers, needing only bookkeeping: forwarded in the run
+                handled = True
+                if tag in (T_COMMAND_COMPLETE, T_EMPTY):
+                    if head.kind == _QUERY:
+                        head.index += 1
+                        head.plan = None
+                    else:
+                        self._finish(pending.popleft())
+                elif tag in _COMPLETIONS:
+                    self._finish(pending.popleft())
+                else:
+                    handled = (
+                        tag == T_ROW_DESC
+                        and head.kind == _QUERY
+                        and (head.verdict is None or head.verdict.result is None)
+                    )
+                if handled:
+                    if run_start < 0:
+                        run_start = start
+                    continue
             if run_start >= 0:
                 out += chunk[run_start:start]
                 run_start = -1
