@@ -30,7 +30,7 @@ from pglast.stream import RawStream
 from pgproxy.policy.catalog import Catalog, Ref
 from pgproxy.policy.classify import Classified, ClassifyError, StatementClass, classify
 from pgproxy.policy.functions import DENIED_RELATIONS, FunctionVerdict, is_denied, judge_builtin
-from pgproxy.policy.lineage import LineageError, StatementLineage, analyze
+from pgproxy.policy.lineage import SET_RETURNING, LineageError, StatementLineage, analyze
 from pgproxy.policy.operators import MaskCatalog
 from pgproxy.policy.redact import fingerprint, redact
 from pgproxy.policy.seam import (
@@ -367,6 +367,15 @@ def _target_count(node: Any) -> int | None:
     return len(targets)
 
 
+def _set_returning_calls(node: Any) -> int:
+    """How many calls of set-returning built-ins Postgres' parse tree has."""
+    return sum(
+        1
+        for n in _walk(node)
+        if isinstance(n, ast.FuncCall) and (_names(n.funcname) or [""])[-1] in SET_RETURNING
+    )
+
+
 class PolicyEngine:
     """The policy of one agent session (implements ``SessionPolicy``)."""
 
@@ -610,6 +619,10 @@ class PolicyEngine:
         expected = _target_count(node)
         if expected is not None and expected != len(lineage.columns):
             return _block(klass, "parsers disagree about the result columns", relations=d.relations)
+        if _set_returning_calls(node) != lineage.set_returning:
+            return _block(
+                klass, "parsers disagree about set-returning functions", relations=d.relations
+            )
         self._judge(lineage, d)
         return d
 

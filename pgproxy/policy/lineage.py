@@ -28,6 +28,48 @@ from sqlglot import exp
 
 from pgproxy.policy.catalog import Catalog, Ref, Relation
 
+#: Set-returning built-ins (the allowlisted ones): how many rows they return depends on their
+#: arguments, so a tagged argument is a row-count inference channel wherever the call appears.
+SET_RETURNING: frozenset[str] = frozenset(
+    {
+        "generate_series",
+        "generate_subscripts",
+        "unnest",
+        "regexp_matches",
+        "regexp_split_to_table",
+        "string_to_table",
+        "json_each",
+        "json_each_text",
+        "jsonb_each",
+        "jsonb_each_text",
+        "json_array_elements",
+        "json_array_elements_text",
+        "jsonb_array_elements",
+        "jsonb_array_elements_text",
+        "json_object_keys",
+        "jsonb_object_keys",
+        "jsonb_path_query",
+    }
+)
+#: how sqlglot spells some of them
+_SET_RETURNING_NODES: tuple[type[exp.Expression], ...] = (
+    exp.Explode,
+    exp.ExplodeOuter,
+    exp.ExplodingGenerateSeries,
+    exp.GenerateSeries,
+    exp.Posexplode,
+    exp.PosexplodeOuter,
+    exp.Unnest,
+)
+
+
+def is_set_returning(e: exp.Expression) -> bool:
+    """Whether a sqlglot node is a call of a set-returning function."""
+    if isinstance(e, _SET_RETURNING_NODES):
+        return True
+    return isinstance(e, exp.Anonymous) and str(e.this).lower() in SET_RETURNING
+
+
 #: a placeholder source meaning "could be anything tagged in this statement"
 _TAINT: Ref = (-1, -1)
 _NO_REFS: frozenset[Ref] = frozenset()
@@ -84,6 +126,8 @@ class StatementLineage:
     writes: tuple[WriteFlow, ...]
     relations: frozenset[int]
     tainted: bool
+    #: how many set-returning calls sqlglot's tree has (the engine compares with Postgres')
+    set_returning: int = 0
 
 
 @dataclass(slots=True)
@@ -399,6 +443,10 @@ class _Walker:
                 inner.set("alias", alias)
             self._add_source(inner, scope)
             return
+        sample = item.args.get("sample")
+        if isinstance(sample, exp.Expression):
+            fraction = _union(self.expr(a, scope) for a in sample.iter_expressions())
+            self._record("TABLESAMPLE", fraction)
         if isinstance(item, exp.Table) and isinstance(item.this, exp.Identifier):
             name = ident(item.this)
             cte = scope.cte(name) if not item.args.get("db") else None
@@ -429,6 +477,7 @@ class _Walker:
         func = item.this if isinstance(item, exp.Table) else item
         if isinstance(func, exp.Expression) and isinstance(func, exp.Func):
             flow = _union(self.expr(a, scope) for a in func.iter_expressions())
+            self._record("a function in FROM", flow)
             name = alias_name or _output_name(func)
             columns = [(n, flow) for n in renames] or [(name, flow)]
             scope.sources.append(_Source(name, columns, func_flow=flow))
@@ -484,10 +533,17 @@ class _Walker:
             arg = e.this
             if isinstance(arg, exp.Distinct) and len(arg.expressions) == 1:
                 arg = arg.expressions[0]
-            if arg is None or isinstance(arg, exp.Star | exp.Column):
-                if arg is not None:
-                    self.expr(arg, scope)
+            if arg is None or isinstance(arg, exp.Star):
                 return _EMPTY
+            if isinstance(arg, exp.Column):
+                # counts the non-null values of a bare column; a column of a subquery may be
+                # computed (NULLIF(ssn, '…')), and then its nulls are the data
+                flow = self.expr(arg, scope)
+                return _EMPTY if flow.direct or not flow.refs else flow
+        if is_set_returning(e):
+            flow = _union(self.expr(child, scope) for child in e.iter_expressions())
+            self._record("a set-returning function", flow)
+            return flow
         if isinstance(e, exp.Case):
             for branch in _args(e, "ifs"):
                 self._record("CASE WHEN", self.expr(branch.this, scope))
@@ -698,7 +754,8 @@ def analyze_tree(
         dict.fromkeys(ShapeUse(s.clause, settle(s.sources), s.lookup) for s in walker.shape)
     )
     writes = tuple(WriteFlow(w.target, settle(w.sources)) for w in walker.writes)
-    return StatementLineage(columns, shape, writes, relations, walker.tainted)
+    srf = sum(1 for n in tree.walk() if is_set_returning(n))
+    return StatementLineage(columns, shape, writes, relations, walker.tainted, srf)
 
 
 def view_lineage(catalog: Catalog, view: Relation) -> list[tuple[frozenset[Ref], bool]]:
