@@ -493,6 +493,12 @@ def test_statements_differing_only_in_literals_share_one_decision() -> None:
             "SELECT ssn, id FROM patients ORDER BY 1 -- c",
             Action.HOLD,
         ),
+        # the UESCAPE string decides which column a Unicode identifier names
+        (
+            'SELECT U&"!0073sn" UESCAPE \'#\' FROM (SELECT id AS "!0073sn", ssn FROM patients) s',
+            'SELECT U&"!0073sn" UESCAPE \'!\' FROM (SELECT id AS "!0073sn", ssn FROM patients) s',
+            Action.MASK,
+        ),
         # option values of EXPLAIN are literals too: EXPLAIN never shares a decision
         (
             "EXPLAIN (ANALYZE 'false') SELECT ssn FROM patients",
