@@ -8,7 +8,9 @@ is a ``StatementLineage``:
   from and whether it is the bare column ("direct") or computed from it;
 * ``shape``: every clause that uses catalog columns to choose, order, group or count rows
   (WHERE, JOIN, GROUP BY, HAVING, ORDER BY, DISTINCT, window specs, FILTER, CASE WHEN, LIMIT,
-  deduplicating set operations) -- the inference channels;
+  TABLESAMPLE, deduplicating set operations, arguments of set-returning functions and of
+  functions in FROM) and every result or written value computed by something that can raise
+  an error on its input -- the inference channels;
 * ``writes``: for INSERT/UPDATE, which target column receives data derived from which columns.
 
 The walk is scope based over sqlglot's tree and deliberately conservative: whole-row references
@@ -52,7 +54,7 @@ SET_RETURNING: frozenset[str] = frozenset(
     }
 )
 #: how sqlglot spells some of them
-_SET_RETURNING_NODES: tuple[type[exp.Expression], ...] = (
+_SET_RETURNING_NODES: tuple[type, ...] = (
     exp.Explode,
     exp.ExplodeOuter,
     exp.ExplodingGenerateSeries,
@@ -63,11 +65,169 @@ _SET_RETURNING_NODES: tuple[type[exp.Expression], ...] = (
 )
 
 
-def is_set_returning(e: exp.Expression) -> bool:
+def is_set_returning(e: object) -> bool:
     """Whether a sqlglot node is a call of a set-returning function."""
     if isinstance(e, _SET_RETURNING_NODES):
         return True
     return isinstance(e, exp.Anonymous) and str(e.this).lower() in SET_RETURNING
+
+
+FALLIBLE = "an expression that can fail on the data"
+
+# -- error channels --------------------------------------------------------------------------
+#
+# Whether a statement fails is one bit the agent always sees, scrubbed message or not: a result
+# column computed from tagged data by something that can raise on its input (``ssn::int``,
+# ``1 / (ascii(ssn) - 57)``, ``to_date(ssn, …)``, a pattern built from data) is an oracle. Such a
+# column is recorded as a row-shaping use ("an expression that can fail on the data"). What never
+# raises is listed; everything else is assumed to.
+
+#: nodes that never raise, whatever their arguments
+_TOTAL_NODES: tuple[type[exp.Expression], ...] = (
+    exp.Alias, exp.Paren, exp.Column, exp.Literal, exp.Null, exp.Boolean, exp.Star,
+    exp.Identifier, exp.Var, exp.DataType, exp.DataTypeParam, exp.Tuple, exp.Array,
+    exp.Bracket, exp.Distinct, exp.Order, exp.Ordered, exp.Window, exp.WindowSpec, exp.Filter,
+    exp.Case, exp.If, exp.Is, exp.Not, exp.And, exp.Or, exp.EQ, exp.NEQ, exp.GT, exp.GTE,
+    exp.LT, exp.LTE, exp.NullSafeEQ, exp.NullSafeNEQ, exp.In, exp.Between, exp.Any, exp.All,
+    exp.Exists, exp.DPipe, exp.Concat, exp.ConcatWs, exp.Coalesce, exp.Nullif, exp.Greatest,
+    exp.Least, exp.Upper, exp.Lower, exp.Initcap, exp.Length, exp.MD5, exp.SHA, exp.SHA2,
+    exp.SHA2Digest, exp.Reverse, exp.Trim, exp.Replace, exp.Translate, exp.StrPosition,
+    exp.StartsWith, exp.ArrayAgg, exp.JSONArrayAgg, exp.GroupConcat, exp.Count, exp.Min,
+    exp.Max, exp.Sum, exp.Avg, exp.Ascii, exp.Neg, exp.LogicalAnd, exp.LogicalOr,
+    exp.Stddev, exp.StddevPop, exp.StddevSamp, exp.Variance, exp.VariancePop,
+    exp.StringToArray, exp.ArrayToString, exp.ArraySize, exp.Collate, exp.Dot,
+    exp.JSONExtract, exp.JSONExtractScalar, exp.JSONBExtract, exp.JSONBExtractScalar,
+    exp.JSONPath, exp.JSONPathKey, exp.JSONPathRoot, exp.JSONPathSubscript,
+    exp.CurrentDate, exp.CurrentTimestamp, exp.CurrentTime,
+    exp.Placeholder, exp.Parameter,
+    # query structure: a subquery's own columns are checked where they are projected
+    exp.Subquery, exp.Select, exp.From, exp.Where, exp.Table, exp.TableAlias, exp.Join,
+    exp.Limit, exp.Offset, exp.Group, exp.Having, exp.Union, exp.Intersect, exp.Except,
+    exp.With, exp.CTE, exp.Lateral, exp.Values,
+)  # fmt: skip
+
+#: nodes that raise only on their control arguments (a pattern, a format, a length, a unit):
+#: total when those are constants; the value is the named argument
+_DATA_ARG: dict[type[exp.Expression], str] = {
+    exp.TimeToStr: "this",  # to_char(value, format)
+    exp.Substring: "this",
+    exp.Left: "this",
+    exp.Right: "this",
+    exp.Pad: "this",
+    exp.Repeat: "this",
+    exp.RegexpReplace: "this",
+    exp.RegexpLike: "this",
+    exp.RegexpILike: "this",
+    exp.RegexpCount: "this",
+    exp.Like: "this",
+    exp.ILike: "this",
+    exp.SimilarTo: "this",
+    exp.SplitPart: "this",
+    exp.TimestampTrunc: "this",
+    exp.DateTrunc: "this",
+    exp.Extract: "expression",
+    exp.Encode: "this",
+    exp.Format: "expressions",
+}
+
+#: built-ins sqlglot leaves anonymous: never raise
+_TOTAL_FUNCTIONS: frozenset[str] = frozenset(
+    """
+    to_json to_jsonb row_to_json json_build_object jsonb_build_object json_build_array
+    jsonb_build_array jsonb_agg json_agg octet_length bit_length char_length character_length
+    quote_literal quote_nullable quote_ident age cardinality jsonb_typeof json_typeof isfinite
+    jsonb_strip_nulls json_strip_nulls array_append array_prepend array_cat array_position
+    array_positions array_remove array_replace array_length btrim ltrim rtrim md5 sha224 sha256
+    sha384 sha512 upper lower initcap length concat concat_ws strpos starts_with row
+    json_extract_path json_extract_path_text jsonb_extract_path jsonb_extract_path_text
+    bool_and bool_or every any_value like_escape
+    """.split()  # noqa: SIM905
+)
+
+#: built-ins sqlglot leaves anonymous that raise only on control arguments: which positions
+#: may carry data
+_FIRST_ARG_DATA: frozenset[str] = frozenset(
+    """
+    regexp_match regexp_matches regexp_count regexp_instr regexp_substr regexp_like
+    regexp_split_to_array regexp_split_to_table substr substring left right lpad rpad repeat
+    split_part to_char encode replace translate position
+    """.split()  # noqa: SIM905
+)
+_DATA_POSITIONS: dict[str, tuple[int, ...]] = {
+    **dict.fromkeys(_FIRST_ARG_DATA, (0,)),
+    "date_trunc": (1,),
+    "date_part": (1,),
+    "timezone": (1,),
+}
+
+_TEXT_TYPES: frozenset[object] = frozenset(
+    {
+        exp.DataType.Type.TEXT,
+        exp.DataType.Type.VARCHAR,
+        exp.DataType.Type.CHAR,
+        exp.DataType.Type.NCHAR,
+        exp.DataType.Type.NVARCHAR,
+        exp.DataType.Type.BPCHAR,
+        exp.DataType.Type.NAME,
+    }
+)
+
+
+def _constant_arg(e: exp.Expression) -> bool:
+    while isinstance(e, exp.Cast | exp.Paren | exp.Neg):
+        e = e.this
+    return isinstance(e, exp.Literal | exp.Null | exp.Var | exp.Boolean | exp.Placeholder)
+
+
+def _node_total(e: exp.Expression) -> bool:
+    """Whether ``e`` itself (not its children) cannot raise on the values it is given."""
+    if isinstance(e, exp.Anonymous):
+        name = str(e.this).lower()
+        if name in _TOTAL_FUNCTIONS:
+            return True
+        positions = _DATA_POSITIONS.get(name)
+        if positions is None:
+            return False
+        return all(_constant_arg(a) for i, a in enumerate(e.expressions) if i not in positions)
+    data = _DATA_ARG.get(type(e))
+    if data is not None:
+        return all(
+            _constant_arg(child)
+            for key, value in e.args.items()
+            if key != data
+            for child in (value if isinstance(value, list) else [value])
+            if isinstance(child, exp.Expression)
+        )
+    if isinstance(e, exp.Cast):
+        to = e.args.get("to")
+        return isinstance(to, exp.DataType) and to.this in _TEXT_TYPES
+    if isinstance(e, exp.Div | exp.Mod):
+        divisor = e.expression
+        return _constant_arg(divisor) and divisor.name not in ("0", "-1", "")
+    return isinstance(e, _TOTAL_NODES)
+
+
+_LITERAL_NODES: tuple[type[exp.Expression], ...] = (
+    exp.Literal, exp.Null, exp.Boolean, exp.Var, exp.DataType, exp.DataTypeParam, exp.Paren,
+    exp.Neg, exp.Cast, exp.Identifier, exp.Dot, exp.Interval, exp.Add, exp.Sub, exp.Mul,
+    exp.Div, exp.Mod,
+)  # fmt: skip
+
+
+def can_fail(e: exp.Expression) -> bool:
+    """Whether evaluating ``e`` may raise depending on the values it reads (conservative).
+
+    Expressions of literals only are folded when Postgres plans the statement, so whether they
+    raise does not depend on any row: they are skipped."""
+    stack = [e]
+    while stack:
+        node = stack.pop()
+        if all(isinstance(n, _LITERAL_NODES) for n in node.walk()):
+            continue
+        if not _node_total(node):
+            return True
+        stack.extend(node.iter_expressions())
+    return False
 
 
 #: a placeholder source meaning "could be anything tagged in this statement"
@@ -247,6 +407,14 @@ class _Walker:
         if flow.refs:
             self.shape.append(ShapeUse(clause, flow.refs, lookup))
 
+    def _value(self, e: exp.Expression, scope: _Scope) -> Flow:
+        """A value that reaches a result or a table: whether it can fail is an inference
+        channel too (see ``can_fail``)."""
+        flow = self.expr(e, scope)
+        if flow.refs and not flow.direct and can_fail(e):
+            self._record(FALLIBLE, flow)
+        return flow
+
     def _relation(self, table: exp.Table) -> Relation:
         name = ident(table.this)
         schema = ident(table.args.get("db")) if table.args.get("db") else None
@@ -393,7 +561,7 @@ class _Walker:
             for i, item in enumerate(items):
                 if i == len(columns):
                     columns.append([])
-                columns[i].append(self.expr(item, scope))
+                columns[i].append(self._value(item, scope))
         return [(f"column{i + 1}", _union(flows)) for i, flows in enumerate(columns)]
 
     # -- FROM -----------------------------------------------------------------------------------
@@ -545,6 +713,9 @@ class _Walker:
             self._record("a set-returning function", flow)
             return flow
         if isinstance(e, exp.Case):
+            operand = e.this
+            if isinstance(operand, exp.Expression):  # CASE operand WHEN value: a comparison
+                self._record("CASE WHEN", self.expr(operand, scope))
             for branch in _args(e, "ifs"):
                 self._record("CASE WHEN", self.expr(branch.this, scope))
         if isinstance(e, exp.Window):
@@ -656,7 +827,7 @@ class _Walker:
             raise LineageError("unsupported assignment")
         lhs, rhs = assignment.this, assignment.expression
         targets = lhs.expressions if isinstance(lhs, exp.Tuple) else [lhs]
-        flow = self.expr(rhs, scope)
+        flow = self._value(rhs, scope)
         for t in targets:
             if not isinstance(t, exp.Column):
                 raise LineageError("unsupported assignment target")
@@ -685,7 +856,7 @@ class _Walker:
                     raise LineageError("star of an unknown source")
                 outputs.extend(src.columns)
             else:
-                outputs.append((_output_name(proj), self.expr(proj, scope)))
+                outputs.append((_output_name(proj), self._value(proj, scope)))
         return outputs
 
 

@@ -384,7 +384,8 @@ ERROR = {
 
 
 def test_scrub_error_when_tagged_data_is_touched() -> None:
-    v = _admitted("SELECT ssn::int FROM patients")
+    # the error of an admitted statement over tagged data (a cast of ssn would be held)
+    v = _admitted("SELECT id, ssn FROM patients")
     out = scrub_error(ERROR, v)
     assert set(out) == {"S", "V", "C", "M", "H"}
     assert out["C"] == "22P02"
