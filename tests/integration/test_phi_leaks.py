@@ -152,6 +152,15 @@ SIMPLE_CASES = [
     "COPY patients TO STDOUT",
     "PREPARE q AS SELECT ssn FROM patients",
     "EXECUTE q",
+    "SELECT j.value FROM patients p, jsonb_each_text(to_jsonb(p)) j",
+    "SELECT x FROM patients p, jsonb_path_query(to_jsonb(p), '$.ssn') x",
+    "SELECT unnest(string_to_array(ssn, '-')) FROM patients",
+    "SELECT s FROM patients, regexp_split_to_table(ssn, '') s",
+    "SELECT ssn::json FROM patients",
+    "SELECT to_date(ssn, 'YYYY') FROM patients",
+    "SELECT coalesce(nullif(ssn, '900-55-1234'), (1 / (id - id))::text) FROM patients",
+    "SELECT count(x) FROM (SELECT nullif(ssn, '900-55-1234') AS x FROM patients) t",
+    "SELECT U&\"!0073sn\" UESCAPE '!' FROM patients",
 ]
 
 
@@ -339,4 +348,50 @@ def test_a_column_position_is_decided_on_its_own(hop: CaptureHop) -> None:
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             conn.execute("SELECT id, ssn FROM patients ORDER BY 2").fetchall()
         assert conn.execute("SELECT 40 + 2").fetchone() == (42,)
+    assert_no_phi(hop.snapshot())
+
+
+def _outcome(conn: psycopg.Connection[tuple[object, ...]], sql: str) -> str:
+    """What the agent learns from one statement: its rows, or the SQLSTATE it failed with."""
+    try:
+        return repr(conn.execute(sql).fetchall())
+    except psycopg.Error as exc:
+        return f"error {exc.sqlstate}"
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        # an error raised or not, depending on the first digit of the SSN
+        "SELECT 1 / (ascii(substr(ssn, 1, 1)) - {guess}) FROM patients WHERE id = 1",
+        "SELECT substr(ssn, 1, 1)::int / (ascii(substr(ssn, 1, 1)) - {guess}) FROM patients",
+        # how many rows come back, depending on the SSN
+        "SELECT count(*) FROM patients, generate_series(1, ascii(ssn) - {guess} + 1) g",
+        "SELECT id, generate_series(1, ascii(ssn) - {guess} + 1) FROM patients WHERE id = 1",
+        "SELECT id FROM patients TABLESAMPLE BERNOULLI ((SELECT (ascii(ssn) - {guess}) * 100"
+        " FROM patients WHERE id = 1))",
+        # NULL or not, counted
+        "SELECT count(x) FROM (SELECT nullif(ascii(ssn), {guess}) AS x FROM patients) t",
+    ],
+)
+def test_an_answer_does_not_depend_on_a_guess_about_tagged_data(
+    hop: CaptureHop, template: str
+) -> None:
+    """Right guess (the SSNs start with 9, ascii 57) and wrong guess must look alike."""
+    with psycopg.connect(dsn_for(hop), autocommit=True) as conn:
+        right = _outcome(conn, template.format(guess=57))
+        wrong = _outcome(conn, template.format(guess=48))
+        assert conn.execute("SELECT 40 + 2").fetchone() == (42,)
+    assert right == wrong
+    assert_no_phi(hop.snapshot())
+
+
+def test_a_unicode_escape_character_is_decided_on_its_own(hop: CaptureHop) -> None:
+    """One UESCAPE string apart: the first names the id column, the second the SSN."""
+    sub = '(SELECT id AS "!0073sn", ssn FROM patients ORDER BY id) s'
+    with psycopg.connect(dsn_for(hop), autocommit=True) as conn:
+        first = conn.execute(f"SELECT U&\"!0073sn\" UESCAPE '#' FROM {sub}").fetchall()
+        assert first == [(1,), (2,)]
+        second = conn.execute(f"SELECT U&\"!0073sn\" UESCAPE '!' FROM {sub}").fetchall()
+        assert len(second) == 2
     assert_no_phi(hop.snapshot())
