@@ -829,7 +829,9 @@ class PolicyEngine:
             stored = self._prepared.get(node.name or "")
         else:
             stored = self._cursors.get(node.portalname or "")
-            if node.ismove and stored is not None:
+            # MOVE returns no rows but says how many it passed: a count of the cursor's rows,
+            # as much an inference as the rows themselves when they are held
+            if node.ismove and stored is not None and stored.admits:
                 return _Decision(Action.ALLOW, klass, ["MOVE"], session_dependent=True)
         if stored is None:
             return _block(klass, "unknown prepared statement or cursor", session_dependent=True)

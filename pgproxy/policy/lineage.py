@@ -815,6 +815,15 @@ class _Walker:
         scope.star = list(target_cols)
         conflict = _arg(w, "conflict")
         if conflict is not None:
+            # whether a row conflicts (and is skipped or updated) is an equality test of the
+            # written values against the arbiter columns; without named columns every unique
+            # index may be the arbiter, so every written column is tested
+            keys = _args(conflict, "conflict_keys")
+            for key in keys:
+                self._record("ON CONFLICT", self.expr(key, scope))
+            if not keys:
+                written = {(rel.oid, c.attnum) for n in names if (c := rel.column(n)) is not None}
+                self._record("ON CONFLICT", Flow(frozenset(written), False))
             scope.sources.append(_Source("excluded", incoming))
             for assignment in _args(conflict, "expressions"):
                 self._assign(assignment, rel, scope)

@@ -395,3 +395,55 @@ def test_a_unicode_escape_character_is_decided_on_its_own(hop: CaptureHop) -> No
         second = conn.execute(f"SELECT U&\"!0073sn\" UESCAPE '!' FROM {sub}").fetchall()
         assert len(second) == 2
     assert_no_phi(hop.snapshot())
+
+
+def test_move_does_not_count_a_held_cursor(hop: CaptureHop) -> None:
+    """MOVE ALL's command tag is the number of rows: for a cursor over WHERE ssn LIKE … that
+    count is what the agent is after."""
+    tags = []
+    with psycopg.connect(dsn_for(hop)) as conn:
+        for guess in ("9", "8"):
+            cur = conn.cursor()
+            cur.execute(f"DECLARE c CURSOR FOR SELECT id FROM patients WHERE ssn LIKE '{guess}%'")
+            try:
+                cur.execute("MOVE ALL IN c")
+                tags.append(cur.statusmessage)
+            except psycopg.Error as exc:
+                tags.append(exc.sqlstate)
+            conn.rollback()
+    assert tags[0] == tags[1]
+    assert_no_phi(hop.snapshot())
+
+
+def _write_outcomes(hop: CaptureHop, template: str) -> list[str]:
+    """The command tag or SQLSTATE of ``template`` for a right and a wrong SSN, rolled back."""
+    out = []
+    with psycopg.connect(dsn_for(hop)) as conn:
+        for guess in ("900-55-1234", "900-00-0000"):
+            cur = conn.cursor()
+            try:
+                cur.execute(template.format(guess=guess))
+                out.append(str(cur.statusmessage))
+            except psycopg.Error as exc:
+                out.append(f"error {exc.sqlstate}")
+            conn.rollback()
+    return out
+
+
+def test_on_conflict_does_not_test_a_guess_against_tagged_values(hop: CaptureHop) -> None:
+    outcomes = _write_outcomes(
+        hop, "INSERT INTO patients (id, ssn) VALUES (99, '{guess}') ON CONFLICT DO NOTHING"
+    )
+    assert outcomes[0] == outcomes[1]
+    assert_no_phi(hop.snapshot())
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a unique index on a tagged column answers 'does this value exist' through 23505; "
+    "the catalog does not load indexes, and holding every write of a tagged column would "
+    "change what agents may write",
+)
+def test_a_unique_violation_does_not_test_a_guess(hop: CaptureHop) -> None:
+    outcomes = _write_outcomes(hop, "INSERT INTO patients (id, ssn) VALUES (99, '{guess}')")
+    assert outcomes[0] == outcomes[1]

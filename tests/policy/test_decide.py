@@ -342,6 +342,15 @@ def test_declare_then_fetch_carries_the_masks() -> None:
     assert eng.statement("FETCH 10 FROM c", CTX).action is Action.BLOCK
 
 
+def test_move_counts_rows_so_it_is_decided_like_fetch() -> None:
+    """MOVE ALL reports how many rows a cursor has: for a held cursor that is the inference."""
+    eng = engine()
+    assert eng.statement("DECLARE c CURSOR FOR SELECT id FROM patients WHERE ssn LIKE '9%'", CTX)
+    assert eng.statement("MOVE ALL IN c", CTX).action is Action.HOLD
+    assert eng.statement("DECLARE d CURSOR FOR SELECT id, ssn FROM patients", CTX).admits
+    assert eng.statement("MOVE ALL IN d", CTX).action is Action.ALLOW
+
+
 def test_prepare_of_a_blocked_query_is_blocked() -> None:
     eng = engine()
     assert eng.statement("PREPARE q AS SELECT * FROM pg_stats", CTX).action is Action.BLOCK
