@@ -876,7 +876,37 @@ class PolicyEngine:
         d.reasons = ["EXPLAIN shows the plan, not the data"]
         return d
 
+    def _shadowing(self, node: Any) -> str | None:
+        """A temporary relation (or a rename to a name) that would hide a catalog relation in
+        this session: the catalog never holds temporary objects, so the policy would go on
+        deciding the name by the relation it hides while Postgres reads the new one."""
+        targets: list[Any] = []
+        if isinstance(node, ast.RenameStmt) and node.newname:
+            rel = node.relation
+            if (
+                rel is not None
+                and self.catalog.relation(rel.schemaname, rel.relname or "", self.search_path)
+                is None
+            ):
+                targets.append(ast.RangeVar(relname=node.newname, relpersistence="t"))
+        for n in _walk(node):
+            if isinstance(n, ast.RangeVar):
+                targets.append(n)
+        for rv in targets:
+            temporary = rv.relpersistence == "t" or rv.schemaname == "pg_temp"
+            if not temporary or not rv.relname:
+                continue
+            if self.catalog.relation(None, rv.relname, self.search_path) is not None:
+                return (
+                    f"a temporary relation named {rv.relname} would shadow a relation the "
+                    "policy knows; choose another name"
+                )
+        return None
+
     def _ddl(self, c: Classified, klass: str) -> _Decision:
+        shadow = self._shadowing(c.node)
+        if shadow:
+            return _block(klass, shadow)
         reasons: list[str] = []
         query = None
         if isinstance(c.node, ast.CreateTableAsStmt):

@@ -114,7 +114,6 @@ _DATA_ARG: dict[type[exp.Expression], str] = {
     exp.Left: "this",
     exp.Right: "this",
     exp.Pad: "this",
-    exp.Repeat: "this",
     exp.RegexpReplace: "this",
     exp.RegexpLike: "this",
     exp.RegexpILike: "this",
@@ -140,7 +139,7 @@ _TOTAL_FUNCTIONS: frozenset[str] = frozenset(
     array_positions array_remove array_replace array_length btrim ltrim rtrim md5 sha224 sha256
     sha384 sha512 upper lower initcap length concat concat_ws strpos starts_with row
     json_extract_path json_extract_path_text jsonb_extract_path jsonb_extract_path_text
-    bool_and bool_or every any_value like_escape
+    bool_and bool_or every any_value
     """.split()  # noqa: SIM905
 )
 
@@ -149,7 +148,7 @@ _TOTAL_FUNCTIONS: frozenset[str] = frozenset(
 _FIRST_ARG_DATA: frozenset[str] = frozenset(
     """
     regexp_match regexp_matches regexp_count regexp_instr regexp_substr regexp_like
-    regexp_split_to_array regexp_split_to_table substr substring left right lpad rpad repeat
+    regexp_split_to_array regexp_split_to_table substr substring left right lpad rpad
     split_part to_char encode replace translate position
     """.split()  # noqa: SIM905
 )

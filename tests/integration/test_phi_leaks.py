@@ -9,6 +9,7 @@ notice — the bytes on the wire must not contain any seeded value, and the sess
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import struct
 from collections.abc import Iterator
@@ -447,3 +448,19 @@ def test_on_conflict_does_not_test_a_guess_against_tagged_values(hop: CaptureHop
 def test_a_unique_violation_does_not_test_a_guess(hop: CaptureHop) -> None:
     outcomes = _write_outcomes(hop, "INSERT INTO patients (id, ssn) VALUES (99, '{guess}')")
     assert outcomes[0] == outcomes[1]
+
+
+def test_an_approved_temporary_view_cannot_shadow_a_known_table(
+    approving_proxy: ProxyThread,
+) -> None:
+    """The catalog never holds temporary objects: a temporary view named like an untagged
+    table would be decided as that table while Postgres reads the view. Even approved, no."""
+    with CaptureHop(approving_proxy.host, approving_proxy.port) as hop:
+        with psycopg.connect(dsn_for(hop), autocommit=True) as conn:
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute(
+                    "CREATE TEMP VIEW visits_summary AS SELECT id, ssn AS note FROM patients"
+                )
+            with contextlib.suppress(psycopg.Error):
+                conn.execute("SELECT id, note FROM visits_summary").fetchall()
+        assert_no_phi(hop.snapshot())

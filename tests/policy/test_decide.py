@@ -529,3 +529,13 @@ def test_a_literal_that_changes_the_decision_is_not_shared(
     assert eng.statement(first, CTX).action is not expected
     assert eng.statement(second, CTX).action is expected
     assert engine().statement(second, CTX).action is expected  # as decided on its own
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="count(DISTINCT col) passes by design (counting reveals no value), but after "
+    "inserting a guessed value it answers whether a patient's value equals the guess",
+)
+def test_count_distinct_is_not_an_equality_oracle() -> None:
+    sql = "SELECT count(DISTINCT dob) FROM patients WHERE id IN (1, 99)"
+    assert engine().statement(sql, CTX).action in (Action.HOLD, Action.BLOCK)
