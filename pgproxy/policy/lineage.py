@@ -201,8 +201,15 @@ def _node_total(e: exp.Expression) -> bool:
         to = e.args.get("to")
         return isinstance(to, exp.DataType) and to.this in _TEXT_TYPES
     if isinstance(e, exp.Div | exp.Mod):
+        # a positive integer written as such: neither zero nor -1 (INT_MIN / -1 overflows),
+        # and a value the shape key keeps or never confuses with one of those
         divisor = e.expression
-        return _constant_arg(divisor) and divisor.name not in ("0", "-1", "")
+        return (
+            isinstance(divisor, exp.Literal)
+            and not divisor.is_string
+            and divisor.name.isdigit()
+            and int(divisor.name) > 0
+        )
     return isinstance(e, _TOTAL_NODES)
 
 
@@ -213,20 +220,82 @@ _LITERAL_NODES: tuple[type[exp.Expression], ...] = (
 )  # fmt: skip
 
 
+#: nodes whose result may be NULL depending on a value (not only on a column being NULL)
+_NULL_MAKERS: tuple[type, ...] = (
+    exp.Nullif, exp.Case, exp.If, exp.Bracket, exp.JSONExtract, exp.JSONExtractScalar,
+    exp.JSONBExtract, exp.JSONBExtractScalar, exp.Subquery, exp.Anonymous, exp.Window,
+)  # fmt: skip
+
+#: nodes that cannot raise whatever constants stand beside a NULL or non-NULL argument
+_NULL_SAFE: tuple[type, ...] = (
+    exp.Alias, exp.Paren, exp.Is, exp.Not, exp.And, exp.Or, exp.EQ, exp.NEQ, exp.GT, exp.GTE,
+    exp.LT, exp.LTE, exp.NullSafeEQ, exp.NullSafeNEQ, exp.In, exp.Between, exp.Coalesce,
+    exp.Nullif, exp.Case, exp.If, exp.Concat, exp.ConcatWs, exp.Greatest, exp.Least, exp.Count,
+    exp.Min, exp.Max, exp.ArrayAgg, exp.GroupConcat, exp.JSONArrayAgg, exp.Array, exp.Tuple,
+    exp.Upper, exp.Lower, exp.Length, exp.MD5, exp.Distinct, exp.Order, exp.Ordered,
+)  # fmt: skip
+
+
+def _makes_null(node: exp.Expression) -> bool:
+    if isinstance(node, exp.Anonymous):
+        return str(node.this).lower() not in _NULL_FAITHFUL_FUNCTIONS
+    return isinstance(node, _NULL_MAKERS)
+
+
+#: built-ins sqlglot leaves anonymous whose result is NULL exactly when an argument is
+_NULL_FAITHFUL_FUNCTIONS: frozenset[str] = frozenset(
+    """
+    to_json to_jsonb row_to_json json_build_object jsonb_build_object json_build_array
+    jsonb_build_array octet_length bit_length char_length character_length quote_literal
+    quote_nullable quote_ident age btrim ltrim rtrim md5 sha224 sha256 sha384 sha512 upper
+    lower initcap length concat concat_ws starts_with strpos isfinite row
+    """.split()  # noqa: SIM905
+)
+
+
+def _null_safe(node: exp.Expression) -> bool:
+    if isinstance(node, exp.Cast):
+        to = node.args.get("to")
+        return isinstance(to, exp.DataType) and to.this in _TEXT_TYPES
+    if isinstance(node, exp.Anonymous):
+        return str(node.this).lower() in _NULL_SAFE_FUNCTIONS
+    return isinstance(node, _NULL_SAFE)
+
+
+_NULL_SAFE_FUNCTIONS: frozenset[str] = frozenset(
+    """
+    to_json to_jsonb json_build_object jsonb_build_object json_build_array jsonb_build_array
+    jsonb_agg json_agg row
+    """.split()  # noqa: SIM905
+)
+
+
 def can_fail(e: exp.Expression) -> bool:
     """Whether evaluating ``e`` may raise depending on the values it reads (conservative).
 
     Expressions of literals only are folded when Postgres plans the statement, so whether they
-    raise does not depend on any row: they are skipped."""
-    stack = [e]
+    raise does not depend on any row: they are skipped. Strict functions skip NULL arguments,
+    so a bad constant (``substr(x, 1, -1)``, an invalid pattern or unit) raises exactly when the
+    argument is not NULL: harmless for a column (whether it is NULL is not protected), an oracle
+    under ``nullif(ssn, '…')``, a CASE or anything else whose NULL depends on a value. Such a
+    node may therefore only sit under nodes that cannot raise whatever their constants are."""
+    stack: list[tuple[exp.Expression, bool]] = [(e, False)]
     while stack:
-        node = stack.pop()
+        node, strict_above = stack.pop()
         if all(isinstance(n, _LITERAL_NODES) for n in node.walk()):
             continue
         if not _node_total(node):
             return True
-        stack.extend(node.iter_expressions())
+        if strict_above and _makes_null(node) and not _literal_free_of_data(node):
+            return True
+        below = strict_above or not _null_safe(node)
+        stack.extend((child, below) for child in node.iter_expressions())
     return False
+
+
+def _literal_free_of_data(node: exp.Expression) -> bool:
+    """A subtree that reads no column (its NULL cannot depend on data)."""
+    return not any(True for _ in node.find_all(exp.Column))
 
 
 #: a placeholder source meaning "could be anything tagged in this statement"

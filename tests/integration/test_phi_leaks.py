@@ -371,6 +371,11 @@ def _outcome(conn: psycopg.Connection[tuple[object, ...]], sql: str) -> str:
         "SELECT id, generate_series(1, ascii(ssn) - {guess} + 1) FROM patients WHERE id = 1",
         "SELECT id FROM patients TABLESAMPLE BERNOULLI ((SELECT (ascii(ssn) - {guess}) * 100"
         " FROM patients WHERE id = 1))",
+        # a bad constant raises only when the value is not NULL, and nullif makes NULL a guess
+        "SELECT substr(nullif(ascii(ssn), {guess})::text, 1, -1) FROM patients WHERE id = 1",
+        "SELECT nullif(ascii(ssn), {guess}) / 0.0 FROM patients WHERE id = 1",
+        "SELECT date_trunc('fortnight', CASE WHEN ascii(ssn) = {guess} THEN NULL ELSE dob END)"
+        " FROM patients WHERE id = 1",
         # NULL or not, counted
         "SELECT count(x) FROM (SELECT nullif(ascii(ssn), {guess}) AS x FROM patients) t",
     ],
