@@ -401,6 +401,7 @@ class PolicyEngine:
         self._cache_size = cache_size
         self._shapes: dict[tuple[str, tuple[str, ...], str, str], Verdict] = {}
         self._prepared: dict[str, Verdict] = {}
+        self._prepared_sql: dict[str, str] = {}
         self._cursors: dict[str, Verdict] = {}
 
     # -- SessionPolicy ----------------------------------------------------------------------------
@@ -808,6 +809,8 @@ class PolicyEngine:
             return replace(inner, klass=klass, session_dependent=True)
         inner_sql = c.inner.sql if c.inner is not None else c.sql
         store[name] = self._verdict(inner_sql, [inner])
+        if c.klass is K.PREPARE:
+            self._prepared_sql[name] = inner_sql
         reason = f"{klass} only defines {name}; its rows are decided at EXECUTE/FETCH"
         return _Decision(
             Action.ALLOW,
@@ -827,6 +830,12 @@ class PolicyEngine:
                         klass, "EXECUTE parameters must be constants", session_dependent=True
                     )
             stored = self._prepared.get(node.name or "")
+            sql = self._prepared_sql.get(node.name or "")
+            if stored is not None and sql and stored.catalog_version != self.catalog.version:
+                # Postgres plans a prepared statement again after DDL (a view redefined, a
+                # column added): decide it again on today's catalog too
+                stored = self._verdict(sql, [self._decide(c) for c in classify(sql)])
+                self._prepared[node.name or ""] = stored
         else:
             stored = self._cursors.get(node.portalname or "")
             # MOVE returns no rows but says how many it passed: a count of the cursor's rows,

@@ -539,3 +539,21 @@ def test_a_literal_that_changes_the_decision_is_not_shared(
 def test_count_distinct_is_not_an_equality_oracle() -> None:
     sql = "SELECT count(DISTINCT dob) FROM patients WHERE id IN (1, 99)"
     assert engine().statement(sql, CTX).action in (Action.HOLD, Action.BLOCK)
+
+
+def test_execute_after_a_catalog_change_is_decided_again() -> None:
+    """PREPARE over an untagged view, then the view is redefined to expose the SSN: Postgres
+    plans EXECUTE on the new definition, so the policy must not reuse the old verdict."""
+    rels = [r for r in CATALOG.relations if r.name != "odd_view"]
+    before = [*rels, Relation(1020, "public", "v", "v", _cols(("id", INT4), ("c", TEXT)),
+                              view_sql=" SELECT p.id, p.city AS c FROM public.patients p;")]  # fmt: skip
+    after = [*rels, Relation(1020, "public", "v", "v", _cols(("id", INT4), ("c", TEXT)),
+                             view_sql=" SELECT p.id, p.ssn AS c FROM public.patients p;")]  # fmt: skip
+    funcs = [
+        Function(10_000 + i, "pg_catalog", n) for i, n in enumerate(sorted(allowlisted_names()))
+    ]
+    eng = PolicyEngine(RULES, Catalog.build(before, funcs, RULES.tags), MASKS, "triage-bot")
+    assert eng.statement("PREPARE q AS SELECT id, c FROM v", CTX).admits
+    assert eng.statement("EXECUTE q", CTX).action is Action.ALLOW
+    eng.catalog = Catalog.build(after, funcs, RULES.tags)
+    assert eng.statement("EXECUTE q", CTX).action is Action.MASK
