@@ -30,7 +30,7 @@ from pglast.stream import RawStream
 from pgproxy.policy.catalog import Catalog, Ref
 from pgproxy.policy.classify import Classified, ClassifyError, StatementClass, classify
 from pgproxy.policy.functions import DENIED_RELATIONS, FunctionVerdict, is_denied, judge_builtin
-from pgproxy.policy.lineage import LineageError, StatementLineage, analyze
+from pgproxy.policy.lineage import SET_RETURNING, LineageError, StatementLineage, analyze
 from pgproxy.policy.operators import MaskCatalog
 from pgproxy.policy.redact import fingerprint, redact
 from pgproxy.policy.seam import (
@@ -367,6 +367,15 @@ def _target_count(node: Any) -> int | None:
     return len(targets)
 
 
+def _set_returning_calls(node: Any) -> int:
+    """How many calls of set-returning built-ins Postgres' parse tree has."""
+    return sum(
+        1
+        for n in _walk(node)
+        if isinstance(n, ast.FuncCall) and (_names(n.funcname) or [""])[-1] in SET_RETURNING
+    )
+
+
 class PolicyEngine:
     """The policy of one agent session (implements ``SessionPolicy``)."""
 
@@ -392,6 +401,7 @@ class PolicyEngine:
         self._cache_size = cache_size
         self._shapes: dict[tuple[str, tuple[str, ...], str, str], Verdict] = {}
         self._prepared: dict[str, Verdict] = {}
+        self._prepared_sql: dict[str, str] = {}
         self._cursors: dict[str, Verdict] = {}
 
     # -- SessionPolicy ----------------------------------------------------------------------------
@@ -610,6 +620,10 @@ class PolicyEngine:
         expected = _target_count(node)
         if expected is not None and expected != len(lineage.columns):
             return _block(klass, "parsers disagree about the result columns", relations=d.relations)
+        if _set_returning_calls(node) != lineage.set_returning:
+            return _block(
+                klass, "parsers disagree about set-returning functions", relations=d.relations
+            )
         self._judge(lineage, d)
         return d
 
@@ -795,6 +809,8 @@ class PolicyEngine:
             return replace(inner, klass=klass, session_dependent=True)
         inner_sql = c.inner.sql if c.inner is not None else c.sql
         store[name] = self._verdict(inner_sql, [inner])
+        if c.klass is K.PREPARE:
+            self._prepared_sql[name] = inner_sql
         reason = f"{klass} only defines {name}; its rows are decided at EXECUTE/FETCH"
         return _Decision(
             Action.ALLOW,
@@ -814,9 +830,17 @@ class PolicyEngine:
                         klass, "EXECUTE parameters must be constants", session_dependent=True
                     )
             stored = self._prepared.get(node.name or "")
+            sql = self._prepared_sql.get(node.name or "")
+            if stored is not None and sql and stored.catalog_version != self.catalog.version:
+                # Postgres plans a prepared statement again after DDL (a view redefined, a
+                # column added): decide it again on today's catalog too
+                stored = self._verdict(sql, [self._decide(c) for c in classify(sql)])
+                self._prepared[node.name or ""] = stored
         else:
             stored = self._cursors.get(node.portalname or "")
-            if node.ismove and stored is not None:
+            # MOVE returns no rows but says how many it passed: a count of the cursor's rows,
+            # as much an inference as the rows themselves when they are held
+            if node.ismove and stored is not None and stored.admits:
                 return _Decision(Action.ALLOW, klass, ["MOVE"], session_dependent=True)
         if stored is None:
             return _block(klass, "unknown prepared statement or cursor", session_dependent=True)
@@ -861,7 +885,37 @@ class PolicyEngine:
         d.reasons = ["EXPLAIN shows the plan, not the data"]
         return d
 
+    def _shadowing(self, node: Any) -> str | None:
+        """A temporary relation (or a rename to a name) that would hide a catalog relation in
+        this session: the catalog never holds temporary objects, so the policy would go on
+        deciding the name by the relation it hides while Postgres reads the new one."""
+        targets: list[Any] = []
+        if isinstance(node, ast.RenameStmt) and node.newname:
+            rel = node.relation
+            if (
+                rel is not None
+                and self.catalog.relation(rel.schemaname, rel.relname or "", self.search_path)
+                is None
+            ):
+                targets.append(ast.RangeVar(relname=node.newname, relpersistence="t"))
+        for n in _walk(node):
+            if isinstance(n, ast.RangeVar):
+                targets.append(n)
+        for rv in targets:
+            temporary = rv.relpersistence == "t" or rv.schemaname == "pg_temp"
+            if not temporary or not rv.relname:
+                continue
+            if self.catalog.relation(None, rv.relname, self.search_path) is not None:
+                return (
+                    f"a temporary relation named {rv.relname} would shadow a relation the "
+                    "policy knows; choose another name"
+                )
+        return None
+
     def _ddl(self, c: Classified, klass: str) -> _Decision:
+        shadow = self._shadowing(c.node)
+        if shadow:
+            return _block(klass, shadow)
         reasons: list[str] = []
         query = None
         if isinstance(c.node, ast.CreateTableAsStmt):

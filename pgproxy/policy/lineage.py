@@ -8,7 +8,9 @@ is a ``StatementLineage``:
   from and whether it is the bare column ("direct") or computed from it;
 * ``shape``: every clause that uses catalog columns to choose, order, group or count rows
   (WHERE, JOIN, GROUP BY, HAVING, ORDER BY, DISTINCT, window specs, FILTER, CASE WHEN, LIMIT,
-  deduplicating set operations) -- the inference channels;
+  TABLESAMPLE, deduplicating set operations, arguments of set-returning functions and of
+  functions in FROM) and every result or written value computed by something that can raise
+  an error on its input -- the inference channels;
 * ``writes``: for INSERT/UPDATE, which target column receives data derived from which columns.
 
 The walk is scope based over sqlglot's tree and deliberately conservative: whole-row references
@@ -27,6 +29,274 @@ import sqlglot
 from sqlglot import exp
 
 from pgproxy.policy.catalog import Catalog, Ref, Relation
+
+#: Set-returning built-ins (the allowlisted ones): how many rows they return depends on their
+#: arguments, so a tagged argument is a row-count inference channel wherever the call appears.
+SET_RETURNING: frozenset[str] = frozenset(
+    {
+        "generate_series",
+        "generate_subscripts",
+        "unnest",
+        "regexp_matches",
+        "regexp_split_to_table",
+        "string_to_table",
+        "json_each",
+        "json_each_text",
+        "jsonb_each",
+        "jsonb_each_text",
+        "json_array_elements",
+        "json_array_elements_text",
+        "jsonb_array_elements",
+        "jsonb_array_elements_text",
+        "json_object_keys",
+        "jsonb_object_keys",
+        "jsonb_path_query",
+    }
+)
+#: how sqlglot spells some of them
+_SET_RETURNING_NODES: tuple[type, ...] = (
+    exp.Explode,
+    exp.ExplodeOuter,
+    exp.ExplodingGenerateSeries,
+    exp.GenerateSeries,
+    exp.Posexplode,
+    exp.PosexplodeOuter,
+    exp.Unnest,
+)
+
+
+def is_set_returning(e: object) -> bool:
+    """Whether a sqlglot node is a call of a set-returning function."""
+    if isinstance(e, _SET_RETURNING_NODES):
+        return True
+    return isinstance(e, exp.Anonymous) and str(e.this).lower() in SET_RETURNING
+
+
+FALLIBLE = "an expression that can fail on the data"
+
+# -- error channels --------------------------------------------------------------------------
+#
+# Whether a statement fails is one bit the agent always sees, scrubbed message or not: a result
+# column computed from tagged data by something that can raise on its input (``ssn::int``,
+# ``1 / (ascii(ssn) - 57)``, ``to_date(ssn, …)``, a pattern built from data) is an oracle. Such a
+# column is recorded as a row-shaping use ("an expression that can fail on the data"). What never
+# raises is listed; everything else is assumed to.
+
+#: nodes that never raise, whatever their arguments
+_TOTAL_NODES: tuple[type[exp.Expression], ...] = (
+    exp.Alias, exp.Paren, exp.Column, exp.Literal, exp.Null, exp.Boolean, exp.Star,
+    exp.Identifier, exp.Var, exp.DataType, exp.DataTypeParam, exp.Tuple, exp.Array,
+    exp.Bracket, exp.Distinct, exp.Order, exp.Ordered, exp.Window, exp.WindowSpec, exp.Filter,
+    exp.Case, exp.If, exp.Is, exp.Not, exp.And, exp.Or, exp.EQ, exp.NEQ, exp.GT, exp.GTE,
+    exp.LT, exp.LTE, exp.NullSafeEQ, exp.NullSafeNEQ, exp.In, exp.Between, exp.Any, exp.All,
+    exp.Exists, exp.DPipe, exp.Concat, exp.ConcatWs, exp.Coalesce, exp.Nullif, exp.Greatest,
+    exp.Least, exp.Upper, exp.Lower, exp.Initcap, exp.Length, exp.MD5, exp.SHA, exp.SHA2,
+    exp.SHA2Digest, exp.Reverse, exp.Trim, exp.Replace, exp.Translate, exp.StrPosition,
+    exp.StartsWith, exp.ArrayAgg, exp.JSONArrayAgg, exp.GroupConcat, exp.Count, exp.Min,
+    exp.Max, exp.Sum, exp.Avg, exp.Ascii, exp.Neg, exp.LogicalAnd, exp.LogicalOr,
+    exp.Stddev, exp.StddevPop, exp.StddevSamp, exp.Variance, exp.VariancePop,
+    exp.StringToArray, exp.ArrayToString, exp.ArraySize, exp.Collate, exp.Dot,
+    exp.JSONExtract, exp.JSONExtractScalar, exp.JSONBExtract, exp.JSONBExtractScalar,
+    exp.JSONPath, exp.JSONPathKey, exp.JSONPathRoot, exp.JSONPathSubscript,
+    exp.CurrentDate, exp.CurrentTimestamp, exp.CurrentTime,
+    exp.Placeholder, exp.Parameter,
+    # query structure: a subquery's own columns are checked where they are projected
+    exp.Subquery, exp.Select, exp.From, exp.Where, exp.Table, exp.TableAlias, exp.Join,
+    exp.Limit, exp.Offset, exp.Group, exp.Having, exp.Union, exp.Intersect, exp.Except,
+    exp.With, exp.CTE, exp.Lateral, exp.Values,
+)  # fmt: skip
+
+#: nodes that raise only on their control arguments (a pattern, a format, a length, a unit):
+#: total when those are constants; the value is the named argument
+_DATA_ARG: dict[type[exp.Expression], str] = {
+    exp.TimeToStr: "this",  # to_char(value, format)
+    exp.Substring: "this",
+    exp.Left: "this",
+    exp.Right: "this",
+    exp.Pad: "this",
+    exp.RegexpReplace: "this",
+    exp.RegexpLike: "this",
+    exp.RegexpILike: "this",
+    exp.RegexpCount: "this",
+    exp.Like: "this",
+    exp.ILike: "this",
+    exp.SimilarTo: "this",
+    exp.SplitPart: "this",
+    exp.TimestampTrunc: "this",
+    exp.DateTrunc: "this",
+    exp.Extract: "expression",
+    exp.Encode: "this",
+    exp.Format: "expressions",
+}
+
+#: built-ins sqlglot leaves anonymous: never raise
+_TOTAL_FUNCTIONS: frozenset[str] = frozenset(
+    """
+    to_json to_jsonb row_to_json json_build_object jsonb_build_object json_build_array
+    jsonb_build_array jsonb_agg json_agg octet_length bit_length char_length character_length
+    quote_literal quote_nullable quote_ident age cardinality jsonb_typeof json_typeof isfinite
+    jsonb_strip_nulls json_strip_nulls array_append array_prepend array_cat array_position
+    array_positions array_remove array_replace array_length btrim ltrim rtrim md5 sha224 sha256
+    sha384 sha512 upper lower initcap length concat concat_ws strpos starts_with row
+    json_extract_path json_extract_path_text jsonb_extract_path jsonb_extract_path_text
+    bool_and bool_or every any_value
+    """.split()  # noqa: SIM905
+)
+
+#: built-ins sqlglot leaves anonymous that raise only on control arguments: which positions
+#: may carry data
+_FIRST_ARG_DATA: frozenset[str] = frozenset(
+    """
+    regexp_match regexp_matches regexp_count regexp_instr regexp_substr regexp_like
+    regexp_split_to_array regexp_split_to_table substr substring left right lpad rpad
+    split_part to_char encode replace translate position
+    """.split()  # noqa: SIM905
+)
+_DATA_POSITIONS: dict[str, tuple[int, ...]] = {
+    **dict.fromkeys(_FIRST_ARG_DATA, (0,)),
+    "date_trunc": (1,),
+    "date_part": (1,),
+    "timezone": (1,),
+}
+
+_TEXT_TYPES: frozenset[object] = frozenset(
+    {
+        exp.DataType.Type.TEXT,
+        exp.DataType.Type.VARCHAR,
+        exp.DataType.Type.CHAR,
+        exp.DataType.Type.NCHAR,
+        exp.DataType.Type.NVARCHAR,
+        exp.DataType.Type.BPCHAR,
+        exp.DataType.Type.NAME,
+    }
+)
+
+
+def _constant_arg(e: exp.Expression) -> bool:
+    while isinstance(e, exp.Cast | exp.Paren | exp.Neg):
+        e = e.this
+    return isinstance(e, exp.Literal | exp.Null | exp.Var | exp.Boolean | exp.Placeholder)
+
+
+def _node_total(e: exp.Expression) -> bool:
+    """Whether ``e`` itself (not its children) cannot raise on the values it is given."""
+    if isinstance(e, exp.Anonymous):
+        name = str(e.this).lower()
+        if name in _TOTAL_FUNCTIONS:
+            return True
+        positions = _DATA_POSITIONS.get(name)
+        if positions is None:
+            return False
+        return all(_constant_arg(a) for i, a in enumerate(e.expressions) if i not in positions)
+    data = _DATA_ARG.get(type(e))
+    if data is not None:
+        return all(
+            _constant_arg(child)
+            for key, value in e.args.items()
+            if key != data
+            for child in (value if isinstance(value, list) else [value])
+            if isinstance(child, exp.Expression)
+        )
+    if isinstance(e, exp.Cast):
+        to = e.args.get("to")
+        return isinstance(to, exp.DataType) and to.this in _TEXT_TYPES
+    if isinstance(e, exp.Div | exp.Mod):
+        # a positive integer written as such: neither zero nor -1 (INT_MIN / -1 overflows),
+        # and a value the shape key keeps or never confuses with one of those
+        divisor = e.expression
+        return (
+            isinstance(divisor, exp.Literal)
+            and not divisor.is_string
+            and divisor.name.isdigit()
+            and int(divisor.name) > 0
+        )
+    return isinstance(e, _TOTAL_NODES)
+
+
+_LITERAL_NODES: tuple[type[exp.Expression], ...] = (
+    exp.Literal, exp.Null, exp.Boolean, exp.Var, exp.DataType, exp.DataTypeParam, exp.Paren,
+    exp.Neg, exp.Cast, exp.Identifier, exp.Dot, exp.Interval, exp.Add, exp.Sub, exp.Mul,
+    exp.Div, exp.Mod,
+)  # fmt: skip
+
+
+#: nodes whose result may be NULL depending on a value (not only on a column being NULL)
+_NULL_MAKERS: tuple[type, ...] = (
+    exp.Nullif, exp.Case, exp.If, exp.Bracket, exp.JSONExtract, exp.JSONExtractScalar,
+    exp.JSONBExtract, exp.JSONBExtractScalar, exp.Subquery, exp.Anonymous, exp.Window,
+)  # fmt: skip
+
+#: nodes that cannot raise whatever constants stand beside a NULL or non-NULL argument
+_NULL_SAFE: tuple[type, ...] = (
+    exp.Alias, exp.Paren, exp.Is, exp.Not, exp.And, exp.Or, exp.EQ, exp.NEQ, exp.GT, exp.GTE,
+    exp.LT, exp.LTE, exp.NullSafeEQ, exp.NullSafeNEQ, exp.In, exp.Between, exp.Coalesce,
+    exp.Nullif, exp.Case, exp.If, exp.Concat, exp.ConcatWs, exp.Greatest, exp.Least, exp.Count,
+    exp.Min, exp.Max, exp.ArrayAgg, exp.GroupConcat, exp.JSONArrayAgg, exp.Array, exp.Tuple,
+    exp.Upper, exp.Lower, exp.Length, exp.MD5, exp.Distinct, exp.Order, exp.Ordered,
+)  # fmt: skip
+
+
+def _makes_null(node: exp.Expression) -> bool:
+    if isinstance(node, exp.Anonymous):
+        return str(node.this).lower() not in _NULL_FAITHFUL_FUNCTIONS
+    return isinstance(node, _NULL_MAKERS)
+
+
+#: built-ins sqlglot leaves anonymous whose result is NULL exactly when an argument is
+_NULL_FAITHFUL_FUNCTIONS: frozenset[str] = frozenset(
+    """
+    to_json to_jsonb row_to_json json_build_object jsonb_build_object json_build_array
+    jsonb_build_array octet_length bit_length char_length character_length quote_literal
+    quote_nullable quote_ident age btrim ltrim rtrim md5 sha224 sha256 sha384 sha512 upper
+    lower initcap length concat concat_ws starts_with strpos isfinite row
+    """.split()  # noqa: SIM905
+)
+
+
+def _null_safe(node: exp.Expression) -> bool:
+    if isinstance(node, exp.Cast):
+        to = node.args.get("to")
+        return isinstance(to, exp.DataType) and to.this in _TEXT_TYPES
+    if isinstance(node, exp.Anonymous):
+        return str(node.this).lower() in _NULL_SAFE_FUNCTIONS
+    return isinstance(node, _NULL_SAFE)
+
+
+_NULL_SAFE_FUNCTIONS: frozenset[str] = frozenset(
+    """
+    to_json to_jsonb json_build_object jsonb_build_object json_build_array jsonb_build_array
+    jsonb_agg json_agg row
+    """.split()  # noqa: SIM905
+)
+
+
+def can_fail(e: exp.Expression) -> bool:
+    """Whether evaluating ``e`` may raise depending on the values it reads (conservative).
+
+    Expressions of literals only are folded when Postgres plans the statement, so whether they
+    raise does not depend on any row: they are skipped. Strict functions skip NULL arguments,
+    so a bad constant (``substr(x, 1, -1)``, an invalid pattern or unit) raises exactly when the
+    argument is not NULL: harmless for a column (whether it is NULL is not protected), an oracle
+    under ``nullif(ssn, '…')``, a CASE or anything else whose NULL depends on a value. Such a
+    node may therefore only sit under nodes that cannot raise whatever their constants are."""
+    stack: list[tuple[exp.Expression, bool]] = [(e, False)]
+    while stack:
+        node, strict_above = stack.pop()
+        if all(isinstance(n, _LITERAL_NODES) for n in node.walk()):
+            continue
+        if not _node_total(node):
+            return True
+        if strict_above and _makes_null(node) and not _literal_free_of_data(node):
+            return True
+        below = strict_above or not _null_safe(node)
+        stack.extend((child, below) for child in node.iter_expressions())
+    return False
+
+
+def _literal_free_of_data(node: exp.Expression) -> bool:
+    """A subtree that reads no column (its NULL cannot depend on data)."""
+    return not any(True for _ in node.find_all(exp.Column))
+
 
 #: a placeholder source meaning "could be anything tagged in this statement"
 _TAINT: Ref = (-1, -1)
@@ -84,6 +354,8 @@ class StatementLineage:
     writes: tuple[WriteFlow, ...]
     relations: frozenset[int]
     tainted: bool
+    #: how many set-returning calls sqlglot's tree has (the engine compares with Postgres')
+    set_returning: int = 0
 
 
 @dataclass(slots=True)
@@ -202,6 +474,14 @@ class _Walker:
     def _record(self, clause: str, flow: Flow, lookup: bool = False) -> None:
         if flow.refs:
             self.shape.append(ShapeUse(clause, flow.refs, lookup))
+
+    def _value(self, e: exp.Expression, scope: _Scope) -> Flow:
+        """A value that reaches a result or a table: whether it can fail is an inference
+        channel too (see ``can_fail``)."""
+        flow = self.expr(e, scope)
+        if flow.refs and not flow.direct and can_fail(e):
+            self._record(FALLIBLE, flow)
+        return flow
 
     def _relation(self, table: exp.Table) -> Relation:
         name = ident(table.this)
@@ -349,7 +629,7 @@ class _Walker:
             for i, item in enumerate(items):
                 if i == len(columns):
                     columns.append([])
-                columns[i].append(self.expr(item, scope))
+                columns[i].append(self._value(item, scope))
         return [(f"column{i + 1}", _union(flows)) for i, flows in enumerate(columns)]
 
     # -- FROM -----------------------------------------------------------------------------------
@@ -399,6 +679,10 @@ class _Walker:
                 inner.set("alias", alias)
             self._add_source(inner, scope)
             return
+        sample = item.args.get("sample")
+        if isinstance(sample, exp.Expression):
+            fraction = _union(self.expr(a, scope) for a in sample.iter_expressions())
+            self._record("TABLESAMPLE", fraction)
         if isinstance(item, exp.Table) and isinstance(item.this, exp.Identifier):
             name = ident(item.this)
             cte = scope.cte(name) if not item.args.get("db") else None
@@ -429,6 +713,7 @@ class _Walker:
         func = item.this if isinstance(item, exp.Table) else item
         if isinstance(func, exp.Expression) and isinstance(func, exp.Func):
             flow = _union(self.expr(a, scope) for a in func.iter_expressions())
+            self._record("a function in FROM", flow)
             name = alias_name or _output_name(func)
             columns = [(n, flow) for n in renames] or [(name, flow)]
             scope.sources.append(_Source(name, columns, func_flow=flow))
@@ -484,11 +769,21 @@ class _Walker:
             arg = e.this
             if isinstance(arg, exp.Distinct) and len(arg.expressions) == 1:
                 arg = arg.expressions[0]
-            if arg is None or isinstance(arg, exp.Star | exp.Column):
-                if arg is not None:
-                    self.expr(arg, scope)
+            if arg is None or isinstance(arg, exp.Star):
                 return _EMPTY
+            if isinstance(arg, exp.Column):
+                # counts the non-null values of a bare column; a column of a subquery may be
+                # computed (NULLIF(ssn, '…')), and then its nulls are the data
+                flow = self.expr(arg, scope)
+                return _EMPTY if flow.direct or not flow.refs else flow
+        if is_set_returning(e):
+            flow = _union(self.expr(child, scope) for child in e.iter_expressions())
+            self._record("a set-returning function", flow)
+            return flow
         if isinstance(e, exp.Case):
+            operand = e.this
+            if isinstance(operand, exp.Expression):  # CASE operand WHEN value: a comparison
+                self._record("CASE WHEN", self.expr(operand, scope))
             for branch in _args(e, "ifs"):
                 self._record("CASE WHEN", self.expr(branch.this, scope))
         if isinstance(e, exp.Window):
@@ -588,6 +883,15 @@ class _Walker:
         scope.star = list(target_cols)
         conflict = _arg(w, "conflict")
         if conflict is not None:
+            # whether a row conflicts (and is skipped or updated) is an equality test of the
+            # written values against the arbiter columns; without named columns every unique
+            # index may be the arbiter, so every written column is tested
+            keys = _args(conflict, "conflict_keys")
+            for key in keys:
+                self._record("ON CONFLICT", self.expr(key, scope))
+            if not keys:
+                written = {(rel.oid, c.attnum) for n in names if (c := rel.column(n)) is not None}
+                self._record("ON CONFLICT", Flow(frozenset(written), False))
             scope.sources.append(_Source("excluded", incoming))
             for assignment in _args(conflict, "expressions"):
                 self._assign(assignment, rel, scope)
@@ -600,7 +904,7 @@ class _Walker:
             raise LineageError("unsupported assignment")
         lhs, rhs = assignment.this, assignment.expression
         targets = lhs.expressions if isinstance(lhs, exp.Tuple) else [lhs]
-        flow = self.expr(rhs, scope)
+        flow = self._value(rhs, scope)
         for t in targets:
             if not isinstance(t, exp.Column):
                 raise LineageError("unsupported assignment target")
@@ -629,7 +933,7 @@ class _Walker:
                     raise LineageError("star of an unknown source")
                 outputs.extend(src.columns)
             else:
-                outputs.append((_output_name(proj), self.expr(proj, scope)))
+                outputs.append((_output_name(proj), self._value(proj, scope)))
         return outputs
 
 
@@ -698,7 +1002,8 @@ def analyze_tree(
         dict.fromkeys(ShapeUse(s.clause, settle(s.sources), s.lookup) for s in walker.shape)
     )
     writes = tuple(WriteFlow(w.target, settle(w.sources)) for w in walker.writes)
-    return StatementLineage(columns, shape, writes, relations, walker.tainted)
+    srf = sum(1 for n in tree.walk() if is_set_returning(n))
+    return StatementLineage(columns, shape, writes, relations, walker.tainted, srf)
 
 
 def view_lineage(catalog: Catalog, view: Relation) -> list[tuple[frozenset[Ref], bool]]:

@@ -8,7 +8,9 @@ statements (``SHARED_CLASSES``), where no literal value matters except one: a sm
 can be a column position (``ORDER BY 2``, ``GROUP BY 1``, ``DISTINCT ON (1)``), and ordering by
 position 1 may order by a tagged column where position 2 does not. Integers below ``10000``
 (more than the 1664 columns a select list can have) therefore stay in the key verbatim, and so
-does any integer written in a form other than plain decimal without leading zeros. Option
+does any integer written in a form other than plain decimal without leading zeros. One string is
+not a value either: the escape character after ``UESCAPE`` decides which identifier
+``U&"!0073sn"`` names, so it stays in the key too. Option
 values of EXPLAIN, SET and the like (``ANALYZE 'true'``) are why no other class shares keys.
 
 Two ways to the same kind of key: statements made only of identifiers, keywords, numbers,
@@ -43,12 +45,14 @@ def key(sql: str) -> str | None:
     except Exception:
         return None
     out = ["s:"]
+    previous = ""
     for tok in tokens:
         name = tok.name
         if name in _COMMENT_TOKENS:
             continue
         text = sql[tok.start : tok.end + 1]
-        if name in _STRING_TOKENS:
+        after_uescape, previous = previous == "UESCAPE", name
+        if name in _STRING_TOKENS and not after_uescape:
             text = "'?'"
         elif name == "FCONST" or (name == "ICONST" and _BIG_INT.fullmatch(text) is not None):
             text = "?"

@@ -456,8 +456,8 @@ def _drive(s: Served) -> Outcome:
         conn.execute(f"INSERT INTO {CANARY_TABLE} VALUES (1, 'called back {q.first} at {q.email}')")
         conn.execute("SELECT length(%s::text), length(%s::text)", (q.ssn, z.last))
         _fails(conn, f"DO $$BEGIN RAISE NOTICE 'seen %', '{q.mrn}'; END$$")  # blocked
-        # errors whose server text carries the value: a bad cast, a unique violation
-        cast_error = _fails(conn, "SELECT ssn::int FROM patients")
+        # errors whose server text carries the value: a unique violation (a bad cast of tagged
+        # data is an error channel, held: it runs below, once approved)
         unique_error = _fails(conn, "INSERT INTO patients (id, ssn) VALUES (90, %s)", q.ssn)
         _fails(conn, f"INSERT INTO patients (id, ssn) VALUES (91, '{z.ssn}')")
         # blocked statements and unparseable ones, with PHI in them
@@ -528,6 +528,9 @@ def _drive(s: Served) -> Outcome:
     )
     assert isinstance(typo.error, psycopg.errors.UndefinedColumn)
     assert TYPO.ssn not in str(typo.error)  # the server's message names it: scrubbed
+    cast = decide.hold(lambda c: c.execute("SELECT ssn::int FROM patients").fetchall(), "approve")
+    assert isinstance(cast.error, psycopg.Error)
+    cast_error = str(cast.error.sqlstate)
     ddl, ddl_id = decide.deny_on_review_page(
         lambda c: c.execute(
             f"CREATE TABLE held_copy AS SELECT id FROM patients WHERE ssn = '{q.ssn}'"
@@ -749,6 +752,6 @@ def test_contract_views_have_the_expected_rows(outcome: Outcome) -> None:
         assert by_id[approval_id]["status"] == "denied"
         assert by_id[approval_id]["reason"] == reason
         assert by_id[approval_id]["decided_by"] == "alice@example.org"
-    assert sum(r["status"] == "executed" for r in approvals) == 4
+    assert sum(r["status"] == "executed" for r in approvals) == 5  # with the failing cast
     failed = _query(outcome, "SELECT count(*) AS n FROM sessions WHERE NOT auth_ok")
     assert failed[0]["n"] >= 2

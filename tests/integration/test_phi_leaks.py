@@ -9,6 +9,7 @@ notice — the bytes on the wire must not contain any seeded value, and the sess
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import struct
 from collections.abc import Iterator
@@ -152,6 +153,15 @@ SIMPLE_CASES = [
     "COPY patients TO STDOUT",
     "PREPARE q AS SELECT ssn FROM patients",
     "EXECUTE q",
+    "SELECT j.value FROM patients p, jsonb_each_text(to_jsonb(p)) j",
+    "SELECT x FROM patients p, jsonb_path_query(to_jsonb(p), '$.ssn') x",
+    "SELECT unnest(string_to_array(ssn, '-')) FROM patients",
+    "SELECT s FROM patients, regexp_split_to_table(ssn, '') s",
+    "SELECT ssn::json FROM patients",
+    "SELECT to_date(ssn, 'YYYY') FROM patients",
+    "SELECT coalesce(nullif(ssn, '900-55-1234'), (1 / (id - id))::text) FROM patients",
+    "SELECT count(x) FROM (SELECT nullif(ssn, '900-55-1234') AS x FROM patients) t",
+    "SELECT U&\"!0073sn\" UESCAPE '!' FROM patients",
 ]
 
 
@@ -340,3 +350,122 @@ def test_a_column_position_is_decided_on_its_own(hop: CaptureHop) -> None:
             conn.execute("SELECT id, ssn FROM patients ORDER BY 2").fetchall()
         assert conn.execute("SELECT 40 + 2").fetchone() == (42,)
     assert_no_phi(hop.snapshot())
+
+
+def _outcome(conn: psycopg.Connection[tuple[object, ...]], sql: str) -> str:
+    """What the agent learns from one statement: its rows, or the SQLSTATE it failed with."""
+    try:
+        return repr(conn.execute(sql).fetchall())
+    except psycopg.Error as exc:
+        return f"error {exc.sqlstate}"
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        # an error raised or not, depending on the first digit of the SSN
+        "SELECT 1 / (ascii(substr(ssn, 1, 1)) - {guess}) FROM patients WHERE id = 1",
+        "SELECT substr(ssn, 1, 1)::int / (ascii(substr(ssn, 1, 1)) - {guess}) FROM patients",
+        # how many rows come back, depending on the SSN
+        "SELECT count(*) FROM patients, generate_series(1, ascii(ssn) - {guess} + 1) g",
+        "SELECT id, generate_series(1, ascii(ssn) - {guess} + 1) FROM patients WHERE id = 1",
+        "SELECT id FROM patients TABLESAMPLE BERNOULLI ((SELECT (ascii(ssn) - {guess}) * 100"
+        " FROM patients WHERE id = 1))",
+        # a bad constant raises only when the value is not NULL, and nullif makes NULL a guess
+        "SELECT substr(nullif(ascii(ssn), {guess})::text, 1, -1) FROM patients WHERE id = 1",
+        "SELECT nullif(ascii(ssn), {guess}) / 0.0 FROM patients WHERE id = 1",
+        "SELECT date_trunc('fortnight', CASE WHEN ascii(ssn) = {guess} THEN NULL ELSE dob END)"
+        " FROM patients WHERE id = 1",
+        # NULL or not, counted
+        "SELECT count(x) FROM (SELECT nullif(ascii(ssn), {guess}) AS x FROM patients) t",
+    ],
+)
+def test_an_answer_does_not_depend_on_a_guess_about_tagged_data(
+    hop: CaptureHop, template: str
+) -> None:
+    """Right guess (the SSNs start with 9, ascii 57) and wrong guess must look alike."""
+    with psycopg.connect(dsn_for(hop), autocommit=True) as conn:
+        right = _outcome(conn, template.format(guess=57))
+        wrong = _outcome(conn, template.format(guess=48))
+        assert conn.execute("SELECT 40 + 2").fetchone() == (42,)
+    assert right == wrong
+    assert_no_phi(hop.snapshot())
+
+
+def test_a_unicode_escape_character_is_decided_on_its_own(hop: CaptureHop) -> None:
+    """One UESCAPE string apart: the first names the id column, the second the SSN."""
+    sub = '(SELECT id AS "!0073sn", ssn FROM patients ORDER BY id) s'
+    with psycopg.connect(dsn_for(hop), autocommit=True) as conn:
+        first = conn.execute(f"SELECT U&\"!0073sn\" UESCAPE '#' FROM {sub}").fetchall()
+        assert first == [(1,), (2,)]
+        second = conn.execute(f"SELECT U&\"!0073sn\" UESCAPE '!' FROM {sub}").fetchall()
+        assert len(second) == 2
+    assert_no_phi(hop.snapshot())
+
+
+def test_move_does_not_count_a_held_cursor(hop: CaptureHop) -> None:
+    """MOVE ALL's command tag is the number of rows: for a cursor over WHERE ssn LIKE … that
+    count is what the agent is after."""
+    tags = []
+    with psycopg.connect(dsn_for(hop)) as conn:
+        for guess in ("9", "8"):
+            cur = conn.cursor()
+            cur.execute(f"DECLARE c CURSOR FOR SELECT id FROM patients WHERE ssn LIKE '{guess}%'")
+            try:
+                cur.execute("MOVE ALL IN c")
+                tags.append(cur.statusmessage)
+            except psycopg.Error as exc:
+                tags.append(exc.sqlstate)
+            conn.rollback()
+    assert tags[0] == tags[1]
+    assert_no_phi(hop.snapshot())
+
+
+def _write_outcomes(hop: CaptureHop, template: str) -> list[str]:
+    """The command tag or SQLSTATE of ``template`` for a right and a wrong SSN, rolled back."""
+    out = []
+    with psycopg.connect(dsn_for(hop)) as conn:
+        for guess in ("900-55-1234", "900-00-0000"):
+            cur = conn.cursor()
+            try:
+                cur.execute(template.format(guess=guess))
+                out.append(str(cur.statusmessage))
+            except psycopg.Error as exc:
+                out.append(f"error {exc.sqlstate}")
+            conn.rollback()
+    return out
+
+
+def test_on_conflict_does_not_test_a_guess_against_tagged_values(hop: CaptureHop) -> None:
+    outcomes = _write_outcomes(
+        hop, "INSERT INTO patients (id, ssn) VALUES (99, '{guess}') ON CONFLICT DO NOTHING"
+    )
+    assert outcomes[0] == outcomes[1]
+    assert_no_phi(hop.snapshot())
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a unique index on a tagged column answers 'does this value exist' through 23505; "
+    "the catalog does not load indexes, and holding every write of a tagged column would "
+    "change what agents may write",
+)
+def test_a_unique_violation_does_not_test_a_guess(hop: CaptureHop) -> None:
+    outcomes = _write_outcomes(hop, "INSERT INTO patients (id, ssn) VALUES (99, '{guess}')")
+    assert outcomes[0] == outcomes[1]
+
+
+def test_an_approved_temporary_view_cannot_shadow_a_known_table(
+    approving_proxy: ProxyThread,
+) -> None:
+    """The catalog never holds temporary objects: a temporary view named like an untagged
+    table would be decided as that table while Postgres reads the view. Even approved, no."""
+    with CaptureHop(approving_proxy.host, approving_proxy.port) as hop:
+        with psycopg.connect(dsn_for(hop), autocommit=True) as conn:
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute(
+                    "CREATE TEMP VIEW visits_summary AS SELECT id, ssn AS note FROM patients"
+                )
+            with contextlib.suppress(psycopg.Error):
+                conn.execute("SELECT id, note FROM visits_summary").fetchall()
+        assert_no_phi(hop.snapshot())

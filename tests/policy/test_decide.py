@@ -342,6 +342,15 @@ def test_declare_then_fetch_carries_the_masks() -> None:
     assert eng.statement("FETCH 10 FROM c", CTX).action is Action.BLOCK
 
 
+def test_move_counts_rows_so_it_is_decided_like_fetch() -> None:
+    """MOVE ALL reports how many rows a cursor has: for a held cursor that is the inference."""
+    eng = engine()
+    assert eng.statement("DECLARE c CURSOR FOR SELECT id FROM patients WHERE ssn LIKE '9%'", CTX)
+    assert eng.statement("MOVE ALL IN c", CTX).action is Action.HOLD
+    assert eng.statement("DECLARE d CURSOR FOR SELECT id, ssn FROM patients", CTX).admits
+    assert eng.statement("MOVE ALL IN d", CTX).action is Action.ALLOW
+
+
 def test_prepare_of_a_blocked_query_is_blocked() -> None:
     eng = engine()
     assert eng.statement("PREPARE q AS SELECT * FROM pg_stats", CTX).action is Action.BLOCK
@@ -384,7 +393,8 @@ ERROR = {
 
 
 def test_scrub_error_when_tagged_data_is_touched() -> None:
-    v = _admitted("SELECT ssn::int FROM patients")
+    # the error of an admitted statement over tagged data (a cast of ssn would be held)
+    v = _admitted("SELECT id, ssn FROM patients")
     out = scrub_error(ERROR, v)
     assert set(out) == {"S", "V", "C", "M", "H"}
     assert out["C"] == "22P02"
@@ -493,6 +503,12 @@ def test_statements_differing_only_in_literals_share_one_decision() -> None:
             "SELECT ssn, id FROM patients ORDER BY 1 -- c",
             Action.HOLD,
         ),
+        # the UESCAPE string decides which column a Unicode identifier names
+        (
+            'SELECT U&"!0073sn" UESCAPE \'#\' FROM (SELECT id AS "!0073sn", ssn FROM patients) s',
+            'SELECT U&"!0073sn" UESCAPE \'!\' FROM (SELECT id AS "!0073sn", ssn FROM patients) s',
+            Action.MASK,
+        ),
         # option values of EXPLAIN are literals too: EXPLAIN never shares a decision
         (
             "EXPLAIN (ANALYZE 'false') SELECT ssn FROM patients",
@@ -513,3 +529,31 @@ def test_a_literal_that_changes_the_decision_is_not_shared(
     assert eng.statement(first, CTX).action is not expected
     assert eng.statement(second, CTX).action is expected
     assert engine().statement(second, CTX).action is expected  # as decided on its own
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="count(DISTINCT col) passes by design (counting reveals no value), but after "
+    "inserting a guessed value it answers whether a patient's value equals the guess",
+)
+def test_count_distinct_is_not_an_equality_oracle() -> None:
+    sql = "SELECT count(DISTINCT dob) FROM patients WHERE id IN (1, 99)"
+    assert engine().statement(sql, CTX).action in (Action.HOLD, Action.BLOCK)
+
+
+def test_execute_after_a_catalog_change_is_decided_again() -> None:
+    """PREPARE over an untagged view, then the view is redefined to expose the SSN: Postgres
+    plans EXECUTE on the new definition, so the policy must not reuse the old verdict."""
+    rels = [r for r in CATALOG.relations if r.name != "odd_view"]
+    before = [*rels, Relation(1020, "public", "v", "v", _cols(("id", INT4), ("c", TEXT)),
+                              view_sql=" SELECT p.id, p.city AS c FROM public.patients p;")]  # fmt: skip
+    after = [*rels, Relation(1020, "public", "v", "v", _cols(("id", INT4), ("c", TEXT)),
+                             view_sql=" SELECT p.id, p.ssn AS c FROM public.patients p;")]  # fmt: skip
+    funcs = [
+        Function(10_000 + i, "pg_catalog", n) for i, n in enumerate(sorted(allowlisted_names()))
+    ]
+    eng = PolicyEngine(RULES, Catalog.build(before, funcs, RULES.tags), MASKS, "triage-bot")
+    assert eng.statement("PREPARE q AS SELECT id, c FROM v", CTX).admits
+    assert eng.statement("EXECUTE q", CTX).action is Action.ALLOW
+    eng.catalog = Catalog.build(after, funcs, RULES.tags)
+    assert eng.statement("EXECUTE q", CTX).action is Action.MASK

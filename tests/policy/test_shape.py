@@ -32,6 +32,10 @@ def test_scanner_path_hides_strings_and_keeps_token_boundaries() -> None:
     assert key("SELECT $1 FROM t") != key("SELECT $2 FROM t")
     assert key("SELECT 1 -- 2\n FROM t") == key("SELECT 1 -- 3\n FROM t")
     assert key("SELECT 'unterminated") is None
+    # the escape character of a Unicode identifier is part of the name, not a value
+    assert key("SELECT U&\"!0073\" UESCAPE '!' FROM t") != key(
+        "SELECT U&\"!0073\" UESCAPE '#' FROM t"
+    )
 
 
 @given(
