@@ -68,7 +68,13 @@ FORWARDED_PARAMS = frozenset(
 #: Settings the policy's parser and the masking rewriters depend on, forced for every session:
 #: pglast reads string literals as standard SQL does, and rewriters read values as UTF-8. A
 #: session where either changed would let the server see code where the policy saw a string.
-PINNED_PARAMS = {"client_encoding": "UTF8", "standard_conforming_strings": "on"}
+#: search_path too: the policy resolves unqualified names in ``public`` (and refuses SET
+#: search_path), so the server must not look in a "$user" schema first.
+PINNED_PARAMS = {
+    "client_encoding": "UTF8",
+    "standard_conforming_strings": "on",
+    "search_path": "public",
+}
 FALSE_VALUES = frozenset({"false", "off", "no", "0", ""})
 MAX_DEFERRED = 64 * 1024 * 1024
 

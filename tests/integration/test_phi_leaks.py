@@ -469,3 +469,25 @@ def test_an_approved_temporary_view_cannot_shadow_a_known_table(
             with contextlib.suppress(psycopg.Error):
                 conn.execute("SELECT id, note FROM visits_summary").fetchall()
         assert_no_phi(hop.snapshot())
+
+
+def test_a_schema_named_after_the_upstream_role_does_not_shadow_public(
+    hop: CaptureHop, phi_db: str
+) -> None:
+    """Postgres' default search_path starts with "$user"; the policy resolves names in
+    public. pgproxy pins the upstream session's search_path, so both read the same relation."""
+    with psycopg.connect(phi_db, autocommit=True) as owner:
+        user = owner.info.user
+        owner.execute(f'CREATE SCHEMA "{user}"')
+        owner.execute(
+            f'CREATE VIEW "{user}".visits_summary AS SELECT id, ssn AS note FROM public.patients'
+        )
+    try:
+        with psycopg.connect(dsn_for(hop), autocommit=True) as conn:
+            assert conn.execute("SHOW search_path").fetchone() == ("public",)
+            with contextlib.suppress(psycopg.Error):
+                conn.execute("SELECT id, note FROM visits_summary").fetchall()
+    finally:
+        with psycopg.connect(phi_db, autocommit=True) as owner:
+            owner.execute(f'DROP SCHEMA "{user}" CASCADE')
+    assert_no_phi(hop.snapshot())
