@@ -6,7 +6,10 @@ database, or by hand in tests). It answers three questions the decision engine a
 * which relation or function does a name mean under a ``search_path`` (with Postgres' implicit
   ``pg_temp`` and ``pg_catalog`` rules);
 * which PHI tag, if any, a column ``(relation oid, attnum)`` carries;
-* which snapshot this is (``version``, a hash of the contents, part of the verdict cache key).
+* which snapshot this is (``version``, a hash of the contents, part of the verdict cache key);
+* which checks Postgres makes when a row of a relation is written (``RowCheck``: unique and
+  exclusion indexes, foreign keys at both ends, CHECK constraints, triggers and rules): their
+  outcome can depend on stored values, so writing a guess is a question about them.
 
 Tags come from the rules' ``tags`` globs (``schema.table.column``; two parts mean schema
 ``public``). They are carried to partitions and inheritance children (by column name) and to views
@@ -34,6 +37,41 @@ class Column:
     attnum: int
     name: str
     type_oid: int
+    #: a default, identity or generated expression fills it when a write does not name it
+    has_default: bool = False
+    #: the type modifier (varchar's length, numeric's precision); -1 when none
+    typmod: int = -1
+
+
+@dataclass(frozen=True, slots=True)
+class RowCheck:
+    """A check Postgres makes when a row of its relation is written, whose outcome (a 23505,
+    23503, 23514 or a trigger's error) may depend on stored values.
+
+    ``kind`` says what it is: "unique index" (also primary keys, unique and exclusion
+    constraints: the written values are compared with every other row's), "foreign key" (the
+    referencing row's values looked up in the referenced table), "referenced key" (the same
+    foreign key seen from the referenced table: deleting or changing a key fails while rows
+    refer to it), "check constraint" (the new row's own values) or "trigger or rule" (code the
+    policy cannot read; any write fires it, and it may read anything). ``columns`` are the
+    attnums whose write fires the check (empty: every write); ``tested`` the columns, of any
+    relation, whose stored values decide it.
+    """
+
+    kind: str
+    columns: frozenset[int]
+    tested: frozenset[Ref]
+    on_insert: bool = True
+    on_update: bool = True
+    on_delete: bool = False
+
+    def fired_by(self, op: str, written: frozenset[int]) -> bool:
+        """Whether an ``op`` ("insert", "update", "delete") writing ``written`` runs it."""
+        if op == "delete":
+            return self.on_delete
+        if not (self.on_insert if op == "insert" else self.on_update):
+            return False
+        return not self.columns or bool(self.columns & written)
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +85,7 @@ class Relation:
     columns: tuple[Column, ...]
     view_sql: str | None = None
     parent_oids: tuple[int, ...] = ()
+    checks: tuple[RowCheck, ...] = ()
 
     @property
     def qualified(self) -> str:
@@ -213,6 +252,20 @@ class Catalog:
 
     def tagged_refs_of(self, oid: int) -> frozenset[Ref]:
         return frozenset(ref for ref in self._tags if ref[0] == oid)
+
+    def descendants(self, oid: int) -> list[Relation]:
+        """``oid``'s relation and every partition or inheritance child below it."""
+        out: list[Relation] = []
+        todo, seen = [oid], set()
+        while todo:
+            cur = todo.pop()
+            rel = self._rels.get(cur)
+            if cur in seen or rel is None:
+                continue
+            seen.add(cur)
+            out.append(rel)
+            todo.extend(r.oid for r in self._rels.values() if cur in r.parent_oids)
+        return out
 
     def names(self) -> frozenset[str]:
         """Every schema, relation, column and function name the catalog knows."""
