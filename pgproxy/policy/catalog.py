@@ -12,7 +12,8 @@ database, or by hand in tests). It answers three questions the decision engine a
   outcome can depend on stored values, so writing a guess is a question about them.
 
 Tags come from the rules' ``tags`` globs (``schema.table.column``; two parts mean schema
-``public``). They are carried to partitions and inheritance children (by column name) and to views
+``public``). They are carried to generated columns computed from tagged ones ("derived"), to
+partitions and inheritance children (by column name) and to views
 and materialized views through the lineage of their definitions: a view column that passes a
 tagged column through unchanged is tagged "direct", one computed from it is tagged "derived". A
 view whose definition cannot be traced is *opaque*: querying it is blocked.
@@ -41,6 +42,8 @@ class Column:
     has_default: bool = False
     #: the type modifier (varchar's length, numeric's precision); -1 when none
     typmod: int = -1
+    #: for a generated column, the attnums its expression reads
+    generated_from: frozenset[int] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +89,9 @@ class Relation:
     view_sql: str | None = None
     parent_oids: tuple[int, ...] = ()
     checks: tuple[RowCheck, ...] = ()
+    #: for a partitioned table, the attnums its partition key reads: which partition holds a
+    #: row says something about them
+    partition_key: frozenset[int] = frozenset()
 
     @property
     def qualified(self) -> str:
@@ -195,6 +201,7 @@ class Catalog:
         rels = tuple(relations)
         funcs = tuple(functions)
         tags = resolve_glob_tags(rels, tag_globs)
+        _generated_tags(rels, tags)
         _inherit_tags(rels, tags)
         base = cls(rels, funcs, tags)
         return _propagate_view_tags(base, rels, funcs, tags)
@@ -252,6 +259,23 @@ class Catalog:
 
     def tagged_refs_of(self, oid: int) -> frozenset[Ref]:
         return frozenset(ref for ref in self._tags if ref[0] == oid)
+
+    def partition_keys_above(self, oid: int) -> frozenset[Ref]:
+        """The partition key columns of every partitioned table ``oid``'s relation is a
+        partition of (at any depth): reading the partition itself selects rows by them."""
+        out: set[Ref] = set()
+        todo, seen = [oid], set()
+        while todo:
+            rel = self._rels.get(todo.pop())
+            if rel is None or rel.oid in seen:
+                continue
+            seen.add(rel.oid)
+            for parent_oid in rel.parent_oids:
+                parent = self._rels.get(parent_oid)
+                if parent is not None:
+                    out |= {(parent.oid, a) for a in parent.partition_key}
+                    todo.append(parent_oid)
+        return frozenset(out)
 
     def descendants(self, oid: int) -> list[Relation]:
         """``oid``'s relation and every partition or inheritance child below it."""
@@ -315,6 +339,22 @@ def resolve_glob_tags(
             if tag is not None:
                 out[(rel.oid, col.attnum)] = ColumnTag(frozenset({tag}))
     return out
+
+
+def _generated_tags(relations: tuple[Relation, ...], tags: dict[Ref, ColumnTag]) -> None:
+    """A generated column computed from tagged columns carries their tags, derived."""
+    for rel in relations:
+        for col in rel.columns:
+            found: set[str] = set()
+            for attnum in col.generated_from:
+                src = tags.get((rel.oid, attnum))
+                if src is not None:
+                    found |= src.tags
+            if found:
+                mine = tags.get((rel.oid, col.attnum))
+                tags[(rel.oid, col.attnum)] = ColumnTag(
+                    frozenset(found | (mine.tags if mine else set())), True
+                )
 
 
 def _inherit_tags(relations: tuple[Relation, ...], tags: dict[Ref, ColumnTag]) -> None:

@@ -494,6 +494,9 @@ class _Walker:
         if rel.oid in self.catalog.opaque:
             raise LineageError(f"view {rel.qualified} cannot be traced")
         self.relations.add(rel.oid)
+        # a partition holds the rows whose key falls in its bounds: naming it is a WHERE on
+        # the key
+        self._record("the choice of a partition", Flow(self.catalog.partition_keys_above(rel.oid)))
         return rel
 
     # -- queries ------------------------------------------------------------------------------
@@ -1078,7 +1081,9 @@ def check_uses(
         attnums = frozenset(
             c.attnum
             for c in target.columns
-            if c.name in names or (op == "insert" and c.has_default)
+            if c.name in names
+            or (op == "insert" and c.has_default)
+            or (op == "update" and c.generated_from)
         )
         names_of = {c.attnum: c.name for c in target.columns}
         for check in target.checks:

@@ -19,6 +19,7 @@ naming one is blocked.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from dataclasses import replace
 from typing import Any
 
 import asyncpg
@@ -63,6 +64,19 @@ SELECT conrelid::int8 AS relid, confrelid::int8 AS frelid, contype::text AS kind
  WHERE contype IN ('f', 'c') AND conrelid <> 0
 """
 
+_GENERATED = """
+SELECT d.adrelid::int8 AS relid, d.adnum::int4 AS attnum, pg_get_expr(d.adbin, d.adrelid) AS expr
+  FROM pg_attrdef d
+  JOIN pg_attribute a ON a.attrelid = d.adrelid AND a.attnum = d.adnum
+ WHERE a.attgenerated <> ''
+"""
+
+_PARTITION_KEYS = """
+SELECT partrelid::int8 AS relid, partattrs::int2[]::int4[] AS keys,
+       partexprs IS NOT NULL AS computed
+  FROM pg_partitioned_table
+"""
+
 _CODE = """
 SELECT tgrelid::int8 AS relid FROM pg_trigger WHERE NOT tgisinternal
 UNION SELECT ev_class::int8 FROM pg_rewrite WHERE rulename <> '_RETURN'
@@ -85,8 +99,19 @@ async def load_catalog(conn: asyncpg.Connection, rules: Rules) -> Catalog:
         idx_rows = await conn.fetch(_INDEXES)
         con_rows = await conn.fetch(_CONSTRAINTS)
         code_rows = await conn.fetch(_CODE)
+        gen_rows = await conn.fetch(_GENERATED)
+        part_rows = await conn.fetch(_PARTITION_KEYS)
     return build_catalog(
-        rel_rows, col_rows, inh_rows, fn_rows, rules, idx_rows, con_rows, code_rows
+        rel_rows,
+        col_rows,
+        inh_rows,
+        fn_rows,
+        rules,
+        idx_rows,
+        con_rows,
+        code_rows,
+        gen_rows,
+        part_rows,
     )
 
 
@@ -99,6 +124,8 @@ def build_catalog(
     idx_rows: Iterable[Any] = (),
     con_rows: Iterable[Any] = (),
     code_rows: Iterable[Any] = (),
+    gen_rows: Iterable[Any] = (),
+    part_rows: Iterable[Any] = (),
 ) -> Catalog:
     """Assemble a ``Catalog`` from rows shaped like the loader's queries (mappings by name)."""
     columns: dict[int, list[Column]] = {}
@@ -112,6 +139,22 @@ def build_catalog(
                 int(row.get("typmod", -1)),
             )
         )
+    for row in gen_rows:
+        oid, attnum = int(row["relid"]), int(row["attnum"])
+        cols = columns.get(oid, [])
+        names = {c.name: c.attnum for c in cols}
+        reads = _columns_read(f"SELECT {row['expr']}", names)
+        for i, c in enumerate(cols):
+            if c.attnum == attnum:
+                cols[i] = replace(
+                    c, generated_from=frozenset(names.values()) if reads is None else reads
+                )
+    keys: dict[int, frozenset[int]] = {}
+    for row in part_rows:
+        oid = int(row["relid"])
+        every = frozenset(c.attnum for c in columns.get(oid, ()))
+        direct = frozenset(int(k) for k in row["keys"] or () if int(k) > 0)
+        keys[oid] = every if row["computed"] else direct  # an expression: every column
     checks = _row_checks(columns, idx_rows, con_rows, code_rows)
     parents: dict[int, list[int]] = {}
     for row in inh_rows:
@@ -126,6 +169,7 @@ def build_catalog(
             view_sql=row["viewdef"],
             parent_oids=tuple(parents.get(int(row["oid"]), ())),
             checks=tuple(checks.get(int(row["oid"]), ())),
+            partition_key=keys.get(int(row["oid"]), frozenset()),
         )
         for row in rel_rows
     ]
@@ -138,15 +182,19 @@ def _index_columns(row: Any, attnums: frozenset[int], names: dict[str, int]) -> 
     keys = frozenset(int(k) for k in row["keys"] or () if int(k) > 0)
     if not row["computed"]:
         return keys
+    reads = _columns_read(str(row["def"]), names)
+    return attnums if reads is None else keys | reads
+
+
+def _columns_read(sql: str, names: dict[str, int]) -> frozenset[int] | None:
+    """The attnums the column references of one statement (an index definition, a SELECT of
+    an expression) name; None when it cannot be read or reads a whole row or an unknown name."""
     try:
-        stmt = pglast.parse_sql(str(row["def"]))[0].stmt
+        stmt = pglast.parse_sql(sql)[0].stmt
     except Exception:
-        return attnums
-    if not isinstance(stmt, ast.IndexStmt):
-        return attnums
-    found = set(keys)
-    parts: list[Any] = [*(stmt.indexParams or ()), stmt.whereClause]
-    for node in _nodes(parts):
+        return None
+    found: set[int] = set()
+    for node in _nodes(stmt):
         if isinstance(node, ast.IndexElem) and node.name:
             ref: str | None = node.name
         elif isinstance(node, ast.ColumnRef):
@@ -155,7 +203,7 @@ def _index_columns(row: Any, attnums: frozenset[int], names: dict[str, int]) -> 
         else:
             continue
         if ref is None or ref not in names:
-            return attnums  # a whole row, a star or a name this snapshot does not know
+            return None  # a whole row, a star or a name this snapshot does not know
         found.add(names[ref])
     return frozenset(found)
 

@@ -45,6 +45,8 @@ tags:
   public.patients.dob: dob
   public.patients.email: email
   public.patients.mrn: mrn
+  public.cards.ssn: ssn
+  public.births.dob: dob
 approvals:
   hold: [ddl, privilege, bulk_export]
   bulk_export_rows: 1000
@@ -75,8 +77,20 @@ def phi_db(pg_cluster: object, pg_dsn: str) -> Iterator[str]:
             " ssn text UNIQUE, dob date, email text, mrn text, visits int)"
         )
         conn.execute("CREATE TABLE referrals (id int, patient_ssn text REFERENCES patients (ssn))")
+        conn.execute(
+            "CREATE TABLE cards (id int, ssn text, ssn_copy text GENERATED ALWAYS AS (ssn || '')"
+            " STORED)"
+        )
+        conn.execute("CREATE TABLE births (id int, dob date) PARTITION BY RANGE (dob)")
+        conn.execute(
+            "CREATE TABLE births_1961 PARTITION OF births"
+            " FOR VALUES FROM ('1961-01-01') TO ('1962-01-01')"
+        )
+        conn.execute("CREATE TABLE births_other PARTITION OF births DEFAULT")
         for row in PATIENTS:
             conn.execute("INSERT INTO patients VALUES (%s,%s,%s,%s,%s,%s,%s, 3)", row)
+        conn.execute("INSERT INTO births SELECT id, dob FROM patients")
+        conn.execute("INSERT INTO cards (id, ssn) SELECT id, ssn FROM patients")
         conn.execute("CREATE VIEW patient_view AS SELECT id, ssn, first_name FROM patients")
         conn.execute("CREATE TABLE visits_summary (id int, note text)")
         conn.execute("ANALYZE patients")
@@ -163,6 +177,8 @@ SIMPLE_CASES = [
     "SELECT coalesce(nullif(ssn, '900-55-1234'), (1 / (id - id))::text) FROM patients",
     "SELECT count(x) FROM (SELECT nullif(ssn, '900-55-1234') AS x FROM patients) t",
     "SELECT U&\"!0073sn\" UESCAPE '!' FROM patients",
+    "SELECT ssn_copy FROM cards",
+    "SELECT * FROM cards",
 ]
 
 
@@ -463,6 +479,16 @@ def test_a_write_does_not_test_a_guess_against_stored_values(
     outcomes = _write_outcomes(hop, template)
     assert outcomes[0] == outcomes[1]
     assert_no_phi(hop.snapshot())
+
+
+def test_a_partition_does_not_say_where_a_tagged_key_falls(hop: CaptureHop) -> None:
+    """births is partitioned by dob: patient 1 (born 1961) is a row of births_1961."""
+    with psycopg.connect(dsn_for(hop), autocommit=True) as conn:
+        one = _outcome(conn, "SELECT id FROM births_1961")
+        other = _outcome(conn, "SELECT id FROM births_other")
+        everyone = _outcome(conn, "SELECT id FROM births ORDER BY id")
+    assert one == other
+    assert everyone == repr([(1,), (2,)])
 
 
 def test_a_not_null_column_does_not_test_a_guess(hop: CaptureHop) -> None:

@@ -50,6 +50,10 @@ CREATE FUNCTION clinic.touch() RETURNS trigger LANGUAGE plpgsql AS 'BEGIN RETURN
 CREATE TABLE clinic.audited (id int, note text);
 CREATE TRIGGER audited_touch BEFORE INSERT ON clinic.audited
     FOR EACH ROW EXECUTE FUNCTION clinic.touch();
+CREATE TABLE clinic.cards (id int, ssn text, tail text GENERATED ALWAYS AS (right(ssn, 4)) STORED);
+CREATE TABLE clinic.births (id int, dob date) PARTITION BY RANGE (dob);
+CREATE TABLE clinic.births_1960s PARTITION OF clinic.births
+    FOR VALUES FROM ('1960-01-01') TO ('1970-01-01');
 """
 
 RULES = Rules.model_validate(
@@ -63,6 +67,8 @@ RULES = Rules.model_validate(
             "clinic.*.email": "email",
             "clinic.members.mrn": "mrn",
             "clinic.visit_notes.born": "dob",
+            "clinic.cards.ssn": "ssn",
+            "clinic.births.dob": "dob",
         },
         "approvals": {"approvers": ["privacy@example.org"]},
     }
@@ -266,3 +272,16 @@ async def test_writes_that_test_stored_tagged_values_are_held(
     verdict = PolicyEngine(RULES, catalog, MaskCatalog(RULES), "bot").statement(sql, CTX)
     assert verdict.action is action, verdict.reasons
     assert any(reason in r for r in verdict.reasons), verdict.reasons
+
+
+async def test_generated_columns_and_partition_keys_carry_tags(catalog: Catalog) -> None:
+    tail = catalog.tag(_ref(catalog, "cards", "tail"))
+    assert tail is not None and tail.tags == {"ssn"} and tail.derived
+    births = catalog.relation("clinic", "births")
+    assert births is not None and births.partition_key == {_ref(catalog, "births", "dob")[1]}
+    engine = PolicyEngine(RULES, catalog, MaskCatalog(RULES), "bot")
+    masked = engine.statement("SELECT id, tail FROM clinic.cards", CTX)
+    assert masked.action is Action.MASK and [m.column for m in masked.masks] == ["tail"]
+    held = engine.statement("SELECT id FROM clinic.births_1960s", CTX)
+    assert held.action is Action.HOLD and any("partition" in r for r in held.reasons)
+    assert engine.statement("SELECT id FROM clinic.births", CTX).action is Action.ALLOW

@@ -47,6 +47,8 @@ RULES = Rules.model_validate(
             "public.labs.mrn": "mrn",
             "clinic.staff.name": "name",
             "public.admissions.dob": "dob",
+            "public.births.dob": "dob",
+            "public.cards.ssn": "ssn",
         },
         "approvals": {
             "approvers": ["privacy-office@example.org"],
@@ -123,7 +125,14 @@ def clinic_catalog() -> Catalog:
         Relation(1004, "public", "patients_archive", "r", _cols(("id", INT4), ("ssn", TEXT))),
         Relation(1005, "public", "legacy", "r", _cols(("id", INT4), ("SSN", TEXT), ("ssn", TEXT))),
         Relation(1006, "clinic", "staff", "r", _cols(("id", INT4), ("name", TEXT))),
-        Relation(1007, "public", "labs", "p", _cols(("id", INT4), ("mrn", TEXT), ("value", TEXT))),
+        Relation(
+            1007,
+            "public",
+            "labs",
+            "p",
+            _cols(("id", INT4), ("mrn", TEXT), ("value", TEXT)),
+            partition_key=frozenset({1}),
+        ),
         Relation(
             1008,
             "public",
@@ -194,6 +203,33 @@ def clinic_catalog() -> Catalog:
             "r",
             _cols(("id", INT4), ("note", TEXT)),
             checks=(RowCheck("trigger or rule", frozenset(), frozenset(), on_delete=True),),
+        ),
+        # births is partitioned by the tagged dob; cards.tail is GENERATED from the tagged ssn
+        Relation(
+            1021,
+            "public",
+            "births",
+            "p",
+            _cols(("id", INT4), ("dob", DATE)),
+            partition_key=frozenset({2}),
+        ),
+        Relation(
+            1022,
+            "public",
+            "births_1960s",
+            "r",
+            _cols(("id", INT4), ("dob", DATE)),
+            parent_oids=(1021,),
+        ),
+        Relation(
+            1023,
+            "public",
+            "cards",
+            "r",
+            (
+                *_cols(("id", INT4), ("ssn", TEXT)),
+                Column(3, "tail", TEXT, has_default=True, generated_from=frozenset({2})),
+            ),
         ),
         Relation(
             2001,
