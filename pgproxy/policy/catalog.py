@@ -16,7 +16,8 @@ Tags come from the rules' ``tags`` globs (``schema.table.column``; two parts mea
 partitions and inheritance children (by column name) and to views
 and materialized views through the lineage of their definitions: a view column that passes a
 tagged column through unchanged is tagged "direct", one computed from it is tagged "derived". A
-view whose definition cannot be traced is *opaque*: querying it is blocked.
+view whose definition cannot be traced is *opaque*: querying it is blocked. The columns a view's
+definition uses to choose, group or order its rows (``shaped_by``) shape every query of the view.
 """
 
 from __future__ import annotations
@@ -155,7 +156,8 @@ class Catalog:
     """An immutable catalog snapshot with resolved column tags."""
 
     __slots__ = (
-        "_by_name", "_funcs", "_funcs_by_oid", "_names", "_rels", "_tags", "opaque", "version",
+        "_by_name", "_funcs", "_funcs_by_oid", "_names", "_rels", "_shaped", "_tags", "opaque",
+        "version",
     )  # fmt: skip
 
     def __init__(
@@ -164,6 +166,7 @@ class Catalog:
         functions: Iterable[Function] = (),
         tags: Mapping[Ref, ColumnTag] | None = None,
         opaque: Iterable[int] = (),
+        shaped: Mapping[int, frozenset[Ref]] | None = None,
     ) -> None:
         self._rels: dict[int, Relation] = {r.oid: r for r in relations}
         self._by_name: dict[tuple[str, str], Relation] = {
@@ -177,6 +180,7 @@ class Catalog:
         self._tags: dict[Ref, ColumnTag] = dict(tags or {})
         self._names: frozenset[str] | None = None
         self.opaque: frozenset[int] = frozenset(opaque)
+        self._shaped: dict[int, frozenset[Ref]] = {k: v for k, v in (shaped or {}).items() if v}
         digest = hashlib.sha256()
         for r in sorted(self._rels.values(), key=lambda r: r.oid):
             digest.update(repr(r).encode())
@@ -185,6 +189,7 @@ class Catalog:
         for ref, tag in sorted(self._tags.items()):
             digest.update(repr((ref, sorted(tag.tags), tag.derived)).encode())
         digest.update(repr(sorted(self.opaque)).encode())
+        digest.update(repr(sorted((k, sorted(v)) for k, v in self._shaped.items())).encode())
         self.version: str = digest.hexdigest()[:16]
 
     # -- construction -----------------------------------------------------------------------
@@ -259,6 +264,12 @@ class Catalog:
 
     def tagged_refs_of(self, oid: int) -> frozenset[Ref]:
         return frozenset(ref for ref in self._tags if ref[0] == oid)
+
+    def shaped_by(self, oid: int) -> frozenset[Ref]:
+        """The columns a view's definition uses to choose, group or order its rows (WHERE,
+        JOIN, GROUP BY, …, views below it included): which rows it has says something about
+        them."""
+        return self._shaped.get(oid, frozenset())
 
     def partition_keys_above(self, oid: int) -> frozenset[Ref]:
         """The partition key columns of every partitioned table ``oid``'s relation is a
@@ -392,10 +403,11 @@ def _propagate_view_tags(
 ) -> Catalog:
     """Trace every user view's definition and tag its columns; repeat until stable so that
     views over views pick up their sources' tags."""
-    from pgproxy.policy.lineage import LineageError, view_lineage  # lineage needs Catalog
+    from pgproxy.policy.lineage import LineageError, view_analysis  # lineage needs Catalog
 
     views = [r for r in relations if r.is_view and not r.is_system]
     opaque: set[int] = set()
+    shaped: dict[int, frozenset[Ref]] = {}
     current = base
     for _ in range(len(views) + 1):
         changed = False
@@ -403,11 +415,16 @@ def _propagate_view_tags(
             if view.oid in opaque:
                 continue
             try:
-                flows = view_lineage(current, view)
+                analysis = view_analysis(current, view)
             except LineageError:
                 opaque.add(view.oid)
                 changed = True
                 continue
+            shape = frozenset(r for use in analysis.shape for r in use.sources)
+            if shape != shaped.get(view.oid, frozenset()):
+                shaped[view.oid] = shape
+                changed = True
+            flows = [(c.sources, c.direct) for c in analysis.columns]
             for col, (refs, direct) in zip(view.columns, flows, strict=False):
                 found: set[str] = set()
                 derived = not direct
@@ -431,7 +448,7 @@ def _propagate_view_tags(
                     new = ColumnTag(explicit.tags | new.tags, explicit.derived or derived)
                 tags[ref] = new
                 changed = True
-        current = Catalog(relations, functions, tags, opaque)
+        current = Catalog(relations, functions, tags, opaque, shaped)
         if not changed:
             break
     return current

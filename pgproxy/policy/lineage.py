@@ -497,6 +497,9 @@ class _Walker:
         # a partition holds the rows whose key falls in its bounds: naming it is a WHERE on
         # the key
         self._record("the choice of a partition", Flow(self.catalog.partition_keys_above(rel.oid)))
+        self._record(
+            f"the definition of view {rel.qualified}", Flow(self.catalog.shaped_by(rel.oid))
+        )
         return rel
 
     # -- queries ------------------------------------------------------------------------------
@@ -1103,8 +1106,8 @@ def check_uses(
     return uses
 
 
-def view_lineage(catalog: Catalog, view: Relation) -> list[tuple[frozenset[Ref], bool]]:
-    """Per column of a view or materialized view: its source columns and whether direct.
+def view_analysis(catalog: Catalog, view: Relation) -> StatementLineage:
+    """The lineage of a view's or materialized view's definition.
 
     The definition is pg_get_viewdef's text, written with names qualified as needed for an empty
     search_path (the loader asks for it that way)."""
@@ -1113,4 +1116,9 @@ def view_lineage(catalog: Catalog, view: Relation) -> list[tuple[frozenset[Ref],
     result = analyze(view.view_sql, catalog, ())
     if len(result.columns) != len(view.columns):
         raise LineageError(f"view {view.qualified} definition does not match its columns")
-    return [(c.sources, c.direct) for c in result.columns]
+    return result
+
+
+def view_lineage(catalog: Catalog, view: Relation) -> list[tuple[frozenset[Ref], bool]]:
+    """Per column of a view or materialized view: its source columns and whether direct."""
+    return [(c.sources, c.direct) for c in view_analysis(catalog, view).columns]

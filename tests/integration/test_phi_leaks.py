@@ -92,6 +92,8 @@ def phi_db(pg_cluster: object, pg_dsn: str) -> Iterator[str]:
         conn.execute("INSERT INTO births SELECT id, dob FROM patients")
         conn.execute("INSERT INTO cards (id, ssn) SELECT id, ssn FROM patients")
         conn.execute("CREATE VIEW patient_view AS SELECT id, ssn, first_name FROM patients")
+        conn.execute("CREATE VIEW born_early AS SELECT id FROM patients WHERE dob < '1970-01-01'")
+        conn.execute("CREATE VIEW born_late AS SELECT id FROM patients WHERE dob >= '1970-01-01'")
         conn.execute("CREATE TABLE visits_summary (id int, note text)")
         conn.execute("ANALYZE patients")
     yield dsn
@@ -489,6 +491,15 @@ def test_a_partition_does_not_say_where_a_tagged_key_falls(hop: CaptureHop) -> N
         everyone = _outcome(conn, "SELECT id FROM births ORDER BY id")
     assert one == other
     assert everyone == repr([(1,), (2,)])
+
+
+def test_a_view_does_not_say_which_rows_its_tagged_condition_keeps(hop: CaptureHop) -> None:
+    """born_early keeps patient 1 (1961), born_late patient 2 (1975): their rows are the dobs."""
+    with psycopg.connect(dsn_for(hop), autocommit=True) as conn:
+        early = _outcome(conn, "SELECT id FROM born_early")
+        late = _outcome(conn, "SELECT id FROM born_late")
+    assert early == late
+    assert_no_phi(hop.snapshot())
 
 
 def test_a_not_null_column_does_not_test_a_guess(hop: CaptureHop) -> None:

@@ -231,6 +231,23 @@ def clinic_catalog() -> Catalog:
                 Column(3, "tail", TEXT, has_default=True, generated_from=frozenset({2})),
             ),
         ),
+        # a view that chooses its rows by a tagged column, and a view over it
+        Relation(
+            1024,
+            "public",
+            "nineties",
+            "v",
+            _cols(("id", INT4)),
+            view_sql=" SELECT p.id FROM public.patients p WHERE p.dob >= '1990-01-01'::date;",
+        ),
+        Relation(
+            1025,
+            "public",
+            "nineties_ids",
+            "v",
+            _cols(("id", INT4)),
+            view_sql=" SELECT nineties.id FROM public.nineties;",
+        ),
         Relation(
             2001,
             "pg_catalog",
