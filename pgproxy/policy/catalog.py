@@ -156,8 +156,8 @@ class Catalog:
     """An immutable catalog snapshot with resolved column tags."""
 
     __slots__ = (
-        "_by_name", "_funcs", "_funcs_by_oid", "_names", "_rels", "_shaped", "_tags", "opaque",
-        "version",
+        "_by_name", "_children", "_funcs", "_funcs_by_oid", "_names", "_rels", "_shaped", "_tags",
+        "opaque", "version",
     )  # fmt: skip
 
     def __init__(
@@ -179,6 +179,7 @@ class Catalog:
         self._funcs_by_oid = {f.oid: f for f in funcs}
         self._tags: dict[Ref, ColumnTag] = dict(tags or {})
         self._names: frozenset[str] | None = None
+        self._children: dict[int, list[int]] | None = None
         self.opaque: frozenset[int] = frozenset(opaque)
         self._shaped: dict[int, frozenset[Ref]] = {k: v for k, v in (shaped or {}).items() if v}
         digest = hashlib.sha256()
@@ -290,6 +291,12 @@ class Catalog:
 
     def descendants(self, oid: int) -> list[Relation]:
         """``oid``'s relation and every partition or inheritance child below it."""
+        if self._children is None:
+            children: dict[int, list[int]] = {}
+            for r in self._rels.values():
+                for parent in r.parent_oids:
+                    children.setdefault(parent, []).append(r.oid)
+            self._children = children
         out: list[Relation] = []
         todo, seen = [oid], set()
         while todo:
@@ -299,7 +306,7 @@ class Catalog:
                 continue
             seen.add(cur)
             out.append(rel)
-            todo.extend(r.oid for r in self._rels.values() if cur in r.parent_oids)
+            todo.extend(self._children.get(cur, ()))
         return out
 
     def names(self) -> frozenset[str]:
