@@ -1,10 +1,11 @@
 """Load the policy ``Catalog`` from a live database.
 
-Reads relations (pg_class/pg_namespace), their live columns (pg_attribute), view and
-materialized view definitions (pg_get_viewdef), inheritance and partitioning (pg_inherits),
-functions (pg_proc) and the checks a write makes against stored values (``RowCheck``: unique and
-exclusion indexes from pg_index, foreign keys and CHECK constraints from pg_constraint, triggers
-and rewrite rules), then resolves the rules' column tags over them (``Catalog.build``).
+Reads relations (pg_class/pg_namespace), their live columns (pg_attribute; defaults, generated
+expressions), view and materialized view definitions (pg_get_viewdef), inheritance, partitioning
+and partition keys (pg_inherits, pg_partitioned_table), functions (pg_proc) and the checks a
+write makes against stored values (``RowCheck``: unique and exclusion indexes from pg_index,
+foreign keys and CHECK constraints from pg_constraint, triggers and rewrite rules, and every
+write into a foreign table), then resolves the rules' column tags over them (``Catalog.build``).
 
 An index's columns are the ones its keys, expressions and predicate read (its definition is
 parsed with Postgres' grammar); one whose definition cannot be read, or that reads a whole row,
@@ -155,7 +156,9 @@ def build_catalog(
         every = frozenset(c.attnum for c in columns.get(oid, ()))
         direct = frozenset(int(k) for k in row["keys"] or () if int(k) > 0)
         keys[oid] = every if row["computed"] else direct  # an expression: every column
-    checks = _row_checks(columns, idx_rows, con_rows, code_rows)
+    # a foreign table's writes run in another server, whose constraints this one cannot see
+    foreign = [{"relid": row["oid"]} for row in rel_rows if row["relkind"] == "f"]
+    checks = _row_checks(columns, idx_rows, con_rows, [*code_rows, *foreign])
     parents: dict[int, list[int]] = {}
     for row in inh_rows:
         parents.setdefault(int(row["child"]), []).append(int(row["parent"]))

@@ -20,7 +20,7 @@ from pgproxy.policy.decide import PolicyEngine
 from pgproxy.policy.operators import MaskCatalog
 from pgproxy.policy.seam import Action, FieldInfo, StatementContext
 from pgproxy.rules import Rules
-from pgproxy.server.catalog_loader import load_catalog
+from pgproxy.server.catalog_loader import build_catalog, load_catalog
 
 DB = "pgproxy_catalog_loader_test"
 
@@ -285,3 +285,11 @@ async def test_generated_columns_and_partition_keys_carry_tags(catalog: Catalog)
     held = engine.statement("SELECT id FROM clinic.births_1960s", CTX)
     assert held.action is Action.HOLD and any("partition" in r for r in held.reasons)
     assert engine.statement("SELECT id FROM clinic.births", CTX).action is Action.ALLOW
+
+
+def test_a_write_into_a_foreign_table_runs_checks_the_policy_cannot_see() -> None:
+    rels = [{"oid": 5, "schema": "clinic", "name": "remote", "relkind": "f", "viewdef": None}]
+    cols = [{"relid": 5, "attnum": 1, "name": "id", "type_oid": 23}]
+    cat = build_catalog(rels, cols, [], [], RULES)
+    remote = cat.relation("clinic", "remote")
+    assert remote is not None and [c.kind for c in remote.checks] == ["trigger or rule"]
