@@ -6,13 +6,18 @@ database, or by hand in tests). It answers three questions the decision engine a
 * which relation or function does a name mean under a ``search_path`` (with Postgres' implicit
   ``pg_temp`` and ``pg_catalog`` rules);
 * which PHI tag, if any, a column ``(relation oid, attnum)`` carries;
-* which snapshot this is (``version``, a hash of the contents, part of the verdict cache key).
+* which snapshot this is (``version``, a hash of the contents, part of the verdict cache key);
+* which checks Postgres makes when a row of a relation is written (``RowCheck``: unique and
+  exclusion indexes, foreign keys at both ends, CHECK constraints, triggers and rules): their
+  outcome can depend on stored values, so writing a guess is a question about them.
 
 Tags come from the rules' ``tags`` globs (``schema.table.column``; two parts mean schema
-``public``). They are carried to partitions and inheritance children (by column name) and to views
+``public``). They are carried to generated columns computed from tagged ones ("derived"), to
+partitions and inheritance children (by column name) and to views
 and materialized views through the lineage of their definitions: a view column that passes a
 tagged column through unchanged is tagged "direct", one computed from it is tagged "derived". A
-view whose definition cannot be traced is *opaque*: querying it is blocked.
+view whose definition cannot be traced is *opaque*: querying it is blocked. The columns a view's
+definition uses to choose, group or order its rows (``shaped_by``) shape every query of the view.
 """
 
 from __future__ import annotations
@@ -34,6 +39,43 @@ class Column:
     attnum: int
     name: str
     type_oid: int
+    #: a default, identity or generated expression fills it when a write does not name it
+    has_default: bool = False
+    #: the type modifier (varchar's length, numeric's precision); -1 when none
+    typmod: int = -1
+    #: for a generated column, the attnums its expression reads
+    generated_from: frozenset[int] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
+class RowCheck:
+    """A check Postgres makes when a row of its relation is written, whose outcome (a 23505,
+    23503, 23514 or a trigger's error) may depend on stored values.
+
+    ``kind`` says what it is: "unique index" (also primary keys, unique and exclusion
+    constraints: the written values are compared with every other row's), "foreign key" (the
+    referencing row's values looked up in the referenced table), "referenced key" (the same
+    foreign key seen from the referenced table: deleting or changing a key fails while rows
+    refer to it), "check constraint" (the new row's own values) or "trigger or rule" (code the
+    policy cannot read; any write fires it, and it may read anything). ``columns`` are the
+    attnums whose write fires the check (empty: every write); ``tested`` the columns, of any
+    relation, whose stored values decide it.
+    """
+
+    kind: str
+    columns: frozenset[int]
+    tested: frozenset[Ref]
+    on_insert: bool = True
+    on_update: bool = True
+    on_delete: bool = False
+
+    def fired_by(self, op: str, written: frozenset[int]) -> bool:
+        """Whether an ``op`` ("insert", "update", "delete") writing ``written`` runs it."""
+        if op == "delete":
+            return self.on_delete
+        if not (self.on_insert if op == "insert" else self.on_update):
+            return False
+        return not self.columns or bool(self.columns & written)
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +89,10 @@ class Relation:
     columns: tuple[Column, ...]
     view_sql: str | None = None
     parent_oids: tuple[int, ...] = ()
+    checks: tuple[RowCheck, ...] = ()
+    #: for a partitioned table, the attnums its partition key reads: which partition holds a
+    #: row says something about them
+    partition_key: frozenset[int] = frozenset()
 
     @property
     def qualified(self) -> str:
@@ -110,7 +156,8 @@ class Catalog:
     """An immutable catalog snapshot with resolved column tags."""
 
     __slots__ = (
-        "_by_name", "_funcs", "_funcs_by_oid", "_names", "_rels", "_tags", "opaque", "version",
+        "_by_name", "_children", "_funcs", "_funcs_by_oid", "_names", "_rels", "_shaped", "_tags",
+        "opaque", "version",
     )  # fmt: skip
 
     def __init__(
@@ -119,6 +166,7 @@ class Catalog:
         functions: Iterable[Function] = (),
         tags: Mapping[Ref, ColumnTag] | None = None,
         opaque: Iterable[int] = (),
+        shaped: Mapping[int, frozenset[Ref]] | None = None,
     ) -> None:
         self._rels: dict[int, Relation] = {r.oid: r for r in relations}
         self._by_name: dict[tuple[str, str], Relation] = {
@@ -131,7 +179,9 @@ class Catalog:
         self._funcs_by_oid = {f.oid: f for f in funcs}
         self._tags: dict[Ref, ColumnTag] = dict(tags or {})
         self._names: frozenset[str] | None = None
+        self._children: dict[int, list[int]] | None = None
         self.opaque: frozenset[int] = frozenset(opaque)
+        self._shaped: dict[int, frozenset[Ref]] = {k: v for k, v in (shaped or {}).items() if v}
         digest = hashlib.sha256()
         for r in sorted(self._rels.values(), key=lambda r: r.oid):
             digest.update(repr(r).encode())
@@ -140,6 +190,7 @@ class Catalog:
         for ref, tag in sorted(self._tags.items()):
             digest.update(repr((ref, sorted(tag.tags), tag.derived)).encode())
         digest.update(repr(sorted(self.opaque)).encode())
+        digest.update(repr(sorted((k, sorted(v)) for k, v in self._shaped.items())).encode())
         self.version: str = digest.hexdigest()[:16]
 
     # -- construction -----------------------------------------------------------------------
@@ -156,6 +207,7 @@ class Catalog:
         rels = tuple(relations)
         funcs = tuple(functions)
         tags = resolve_glob_tags(rels, tag_globs)
+        _generated_tags(rels, tags)
         _inherit_tags(rels, tags)
         base = cls(rels, funcs, tags)
         return _propagate_view_tags(base, rels, funcs, tags)
@@ -214,6 +266,49 @@ class Catalog:
     def tagged_refs_of(self, oid: int) -> frozenset[Ref]:
         return frozenset(ref for ref in self._tags if ref[0] == oid)
 
+    def shaped_by(self, oid: int) -> frozenset[Ref]:
+        """The columns a view's definition uses to choose, group or order its rows (WHERE,
+        JOIN, GROUP BY, …, views below it included): which rows it has says something about
+        them."""
+        return self._shaped.get(oid, frozenset())
+
+    def partition_keys_above(self, oid: int) -> frozenset[Ref]:
+        """The partition key columns of every partitioned table ``oid``'s relation is a
+        partition of (at any depth): reading the partition itself selects rows by them."""
+        out: set[Ref] = set()
+        todo, seen = [oid], set()
+        while todo:
+            rel = self._rels.get(todo.pop())
+            if rel is None or rel.oid in seen:
+                continue
+            seen.add(rel.oid)
+            for parent_oid in rel.parent_oids:
+                parent = self._rels.get(parent_oid)
+                if parent is not None:
+                    out |= {(parent.oid, a) for a in parent.partition_key}
+                    todo.append(parent_oid)
+        return frozenset(out)
+
+    def descendants(self, oid: int) -> list[Relation]:
+        """``oid``'s relation and every partition or inheritance child below it."""
+        if self._children is None:
+            children: dict[int, list[int]] = {}
+            for r in self._rels.values():
+                for parent in r.parent_oids:
+                    children.setdefault(parent, []).append(r.oid)
+            self._children = children
+        out: list[Relation] = []
+        todo, seen = [oid], set()
+        while todo:
+            cur = todo.pop()
+            rel = self._rels.get(cur)
+            if cur in seen or rel is None:
+                continue
+            seen.add(cur)
+            out.append(rel)
+            todo.extend(self._children.get(cur, ()))
+        return out
+
     def names(self) -> frozenset[str]:
         """Every schema, relation, column and function name the catalog knows."""
         if self._names is None:
@@ -264,6 +359,22 @@ def resolve_glob_tags(
     return out
 
 
+def _generated_tags(relations: tuple[Relation, ...], tags: dict[Ref, ColumnTag]) -> None:
+    """A generated column computed from tagged columns carries their tags, derived."""
+    for rel in relations:
+        for col in rel.columns:
+            found: set[str] = set()
+            for attnum in col.generated_from:
+                src = tags.get((rel.oid, attnum))
+                if src is not None:
+                    found |= src.tags
+            if found:
+                mine = tags.get((rel.oid, col.attnum))
+                tags[(rel.oid, col.attnum)] = ColumnTag(
+                    frozenset(found | (mine.tags if mine else set())), True
+                )
+
+
 def _inherit_tags(relations: tuple[Relation, ...], tags: dict[Ref, ColumnTag]) -> None:
     """Partitions and inheritance children take their parents' column tags by column name."""
     by_oid = {r.oid: r for r in relations}
@@ -299,10 +410,11 @@ def _propagate_view_tags(
 ) -> Catalog:
     """Trace every user view's definition and tag its columns; repeat until stable so that
     views over views pick up their sources' tags."""
-    from pgproxy.policy.lineage import LineageError, view_lineage  # lineage needs Catalog
+    from pgproxy.policy.lineage import LineageError, view_analysis  # lineage needs Catalog
 
     views = [r for r in relations if r.is_view and not r.is_system]
     opaque: set[int] = set()
+    shaped: dict[int, frozenset[Ref]] = {}
     current = base
     for _ in range(len(views) + 1):
         changed = False
@@ -310,11 +422,16 @@ def _propagate_view_tags(
             if view.oid in opaque:
                 continue
             try:
-                flows = view_lineage(current, view)
+                analysis = view_analysis(current, view)
             except LineageError:
                 opaque.add(view.oid)
                 changed = True
                 continue
+            shape = frozenset(r for use in analysis.shape for r in use.sources)
+            if shape != shaped.get(view.oid, frozenset()):
+                shaped[view.oid] = shape
+                changed = True
+            flows = [(c.sources, c.direct) for c in analysis.columns]
             for col, (refs, direct) in zip(view.columns, flows, strict=False):
                 found: set[str] = set()
                 derived = not direct
@@ -338,7 +455,7 @@ def _propagate_view_tags(
                     new = ColumnTag(explicit.tags | new.tags, explicit.derived or derived)
                 tags[ref] = new
                 changed = True
-        current = Catalog(relations, functions, tags, opaque)
+        current = Catalog(relations, functions, tags, opaque, shaped)
         if not changed:
             break
     return current

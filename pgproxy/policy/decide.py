@@ -30,7 +30,13 @@ from pglast.stream import RawStream
 from pgproxy.policy.catalog import Catalog, Ref
 from pgproxy.policy.classify import Classified, ClassifyError, StatementClass, classify
 from pgproxy.policy.functions import DENIED_RELATIONS, FunctionVerdict, is_denied, judge_builtin
-from pgproxy.policy.lineage import SET_RETURNING, LineageError, StatementLineage, analyze
+from pgproxy.policy.lineage import (
+    SET_RETURNING,
+    LineageError,
+    StatementLineage,
+    analyze,
+    check_uses,
+)
 from pgproxy.policy.operators import MaskCatalog
 from pgproxy.policy.redact import fingerprint, redact
 from pgproxy.policy.seam import (
@@ -735,6 +741,15 @@ class PolicyEngine:
                 rel = self.catalog.relation(n.schemaname, n.relname or "", self.search_path)
                 if rel is not None and self.catalog.tagged_refs_of(rel.oid):
                     return _block(klass, "MERGE over tagged relations cannot be traced")
+        target = c.node.relation
+        rel = self.catalog.relation(target.schemaname, target.relname or "", self.search_path)
+        if rel is None:
+            return _block(klass, "relation is not in the policy catalog (temporary or unknown)")
+        every = {col.name: frozenset[Ref]() for col in rel.columns}
+        for op in ("insert", "update", "delete"):
+            for use in check_uses(self.catalog, rel, op, every):
+                if any(self.catalog.tag(ref) is not None for ref in use.sources):
+                    return _block(klass, f"MERGE fires {use.clause}, which tests tagged data")
         self._write_hold(c, d)
         return d
 
@@ -776,7 +791,19 @@ class PolicyEngine:
         problem = self._scan(node, d)
         if problem:
             return _block(klass, problem)
-        self._write_hold(c, d)
+        rv = node.relation
+        rel = self.catalog.relation(rv.schemaname, rv.relname or "", self.search_path)
+        if rel is None:
+            return _block(klass, "relation is not in the policy catalog (temporary or unknown)")
+        # the rows are the agent's constants, but unique indexes, foreign keys and triggers
+        # test them against stored values as an INSERT would
+        names = _names(node.attlist) or [col.name for col in rel.columns]
+        uses = check_uses(self.catalog, rel, "insert", {n: frozenset() for n in names})
+        self._judge(StatementLineage((), tuple(uses), (), frozenset({rel.oid}), False), d)
+        d.result, d.masks = None, ()  # nothing comes back but the command tag
+        if d.action is Action.ALLOW:
+            d.reasons = ["COPY FROM STDIN into a known table"]
+            self._write_hold(c, d)
         return d
 
     def _session(self, node: Any, klass: str) -> _Decision:

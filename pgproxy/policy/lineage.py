@@ -9,8 +9,10 @@ is a ``StatementLineage``:
 * ``shape``: every clause that uses catalog columns to choose, order, group or count rows
   (WHERE, JOIN, GROUP BY, HAVING, ORDER BY, DISTINCT, window specs, FILTER, CASE WHEN, LIMIT,
   TABLESAMPLE, deduplicating set operations, arguments of set-returning functions and of
-  functions in FROM) and every result or written value computed by something that can raise
-  an error on its input -- the inference channels;
+  functions in FROM), every result or written value computed by something that can raise
+  an error on its input, and every check Postgres makes against stored values when a row is
+  written (unique indexes, foreign keys, CHECK constraints, triggers: ``check_uses``) -- the
+  inference channels;
 * ``writes``: for INSERT/UPDATE, which target column receives data derived from which columns.
 
 The walk is scope based over sqlglot's tree and deliberately conservative: whole-row references
@@ -28,7 +30,7 @@ from dataclasses import dataclass, field
 import sqlglot
 from sqlglot import exp
 
-from pgproxy.policy.catalog import Catalog, Ref, Relation
+from pgproxy.policy.catalog import Catalog, Column, Ref, Relation
 
 #: Set-returning built-ins (the allowlisted ones): how many rows they return depends on their
 #: arguments, so a tagged argument is a row-count inference channel wherever the call appears.
@@ -492,6 +494,12 @@ class _Walker:
         if rel.oid in self.catalog.opaque:
             raise LineageError(f"view {rel.qualified} cannot be traced")
         self.relations.add(rel.oid)
+        # a partition holds the rows whose key falls in its bounds: naming it is a WHERE on
+        # the key
+        self._record("the choice of a partition", Flow(self.catalog.partition_keys_above(rel.oid)))
+        self._record(
+            f"the definition of view {rel.qualified}", Flow(self.catalog.shaped_by(rel.oid))
+        )
         return rel
 
     # -- queries ------------------------------------------------------------------------------
@@ -767,8 +775,14 @@ class _Walker:
             return _union(f for _, f in self.query(e, scope))
         if isinstance(e, exp.Count):
             arg = e.this
-            if isinstance(arg, exp.Distinct) and len(arg.expressions) == 1:
-                arg = arg.expressions[0]
+            if isinstance(arg, exp.Distinct):
+                # how many distinct values there are compares the rows' values with each
+                # other: after inserting a guess, whether a stored value equals it
+                self._record(
+                    "count(DISTINCT)", _union(self.expr(a, scope) for a in arg.expressions)
+                )
+                if len(arg.expressions) == 1:
+                    arg = arg.expressions[0]
             if arg is None or isinstance(arg, exp.Star):
                 return _EMPTY
             if isinstance(arg, exp.Column):
@@ -840,7 +854,10 @@ class _Walker:
         alias_name = ident(alias.this) if isinstance(alias, exp.TableAlias) and alias.this else ""
         target_cols = [(c.name, Flow(frozenset({(rel.oid, c.attnum)}), True)) for c in rel.columns]
         if isinstance(w, exp.Insert):
-            self._insert(w, rel, names, alias_name, target_cols, scope)
+            inserted, updated = self._insert(w, rel, names, alias_name, target_cols, scope)
+            self._checks(rel, "insert", inserted)
+            if updated is not None:
+                self._checks(rel, "update", updated)
         else:
             scope.sources.append(_Source(alias_name or rel.name, target_cols))
             scope.star = list(target_cols)
@@ -848,13 +865,37 @@ class _Walker:
                 self._add_source(item, scope)
                 scope.star = [*scope.star, *scope.sources[-1].columns]
             self._from(w, scope)
+            written: dict[str, Flow] = {}
             if isinstance(w, exp.Update):
                 for assignment in w.expressions:
-                    self._assign(assignment, rel, scope)
+                    written.update(self._assign(assignment, rel, scope))
             where = _arg(w, "where")
             if where is not None:
                 self._where(where.this, scope)
+            self._checks(rel, "update" if isinstance(w, exp.Update) else "delete", written)
         return self._returning(w, scope)
+
+    def _checks(self, rel: Relation, op: str, written: dict[str, Flow]) -> None:
+        for use in check_uses(self.catalog, rel, op, {n: f.refs for n, f in written.items()}):
+            self.shape.append(use)
+
+    def _written(self, rel: Relation, name: str, flow: Flow) -> WriteFlow:
+        """Record ``flow`` written into ``rel.name``; a value the column may reject (NOT NULL,
+        a CHECK, a length, a domain) depending on tagged data is an error channel: anything
+        computed, or a column copied into one of another type."""
+        col = rel.column(name)
+        if col is None:
+            raise LineageError("the write names an unknown column")
+        target = (rel.oid, col.attnum)
+        if flow.refs and not (flow.direct and all(self._fits(ref, col) for ref in flow.refs)):
+            self._record("a value written into a column that may reject it", flow)
+        return WriteFlow(target, flow.refs)
+
+    def _fits(self, ref: Ref, col: Column) -> bool:
+        """Whether every value of column ``ref`` is a valid value of ``col`` as it is."""
+        src_rel = self.catalog.relation_by_oid(ref[0])
+        src = next((c for c in src_rel.columns if c.attnum == ref[1]), None) if src_rel else None
+        return src is not None and src.type_oid == col.type_oid and col.typmod in (-1, src.typmod)
 
     def _insert(
         self,
@@ -864,7 +905,8 @@ class _Walker:
         alias_name: str,
         target_cols: list[tuple[str, Flow]],
         scope: _Scope,
-    ) -> None:
+    ) -> tuple[dict[str, Flow], dict[str, Flow] | None]:
+        """What the INSERT writes, and what its ON CONFLICT DO UPDATE writes (if any)."""
         if not names:
             names = [c.name for c in rel.columns]
         source = w.expression
@@ -874,14 +916,15 @@ class _Walker:
             if len(outputs) > len(names):
                 raise LineageError("INSERT has more expressions than target columns")
             for name, (_, flow) in zip(names, outputs, strict=False):
-                col = rel.column(name)
-                if col is None:
-                    raise LineageError("INSERT names an unknown column")
-                self.writes.append(WriteFlow((rel.oid, col.attnum), flow.refs))
+                self.writes.append(self._written(rel, name, flow))
                 incoming.append((name, flow))
+        inserted = dict(incoming)
+        for name in names:
+            inserted.setdefault(name, _EMPTY)
         scope.sources.append(_Source(alias_name or rel.name, target_cols))
         scope.star = list(target_cols)
         conflict = _arg(w, "conflict")
+        updated: dict[str, Flow] | None = None
         if conflict is not None:
             # whether a row conflicts (and is skipped or updated) is an equality test of the
             # written values against the arbiter columns; without named columns every unique
@@ -893,25 +936,30 @@ class _Walker:
                 written = {(rel.oid, c.attnum) for n in names if (c := rel.column(n)) is not None}
                 self._record("ON CONFLICT", Flow(frozenset(written), False))
             scope.sources.append(_Source("excluded", incoming))
-            for assignment in _args(conflict, "expressions"):
-                self._assign(assignment, rel, scope)
+            assignments = _args(conflict, "expressions")
+            if assignments:
+                updated = {}
+                for assignment in assignments:
+                    updated.update(self._assign(assignment, rel, scope))
             for key in conflict.find_all(exp.Where):
                 self._record("ON CONFLICT WHERE", self.expr(key.this, scope))
             scope.sources.pop()
+        return inserted, updated
 
-    def _assign(self, assignment: exp.Expression, rel: Relation, scope: _Scope) -> None:
+    def _assign(self, assignment: exp.Expression, rel: Relation, scope: _Scope) -> dict[str, Flow]:
         if not isinstance(assignment, exp.EQ):
             raise LineageError("unsupported assignment")
         lhs, rhs = assignment.this, assignment.expression
         targets = lhs.expressions if isinstance(lhs, exp.Tuple) else [lhs]
         flow = self._value(rhs, scope)
+        out: dict[str, Flow] = {}
         for t in targets:
             if not isinstance(t, exp.Column):
                 raise LineageError("unsupported assignment target")
-            col = rel.column(ident(t.this))
-            if col is None:
-                raise LineageError("UPDATE names an unknown column")
-            self.writes.append(WriteFlow((rel.oid, col.attnum), flow.refs))
+            name = ident(t.this)
+            self.writes.append(self._written(rel, name, flow))
+            out[name] = flow
+        return out
 
     def _returning(self, w: exp.Expression, scope: _Scope) -> list[tuple[str, Flow]]:
         ret = _arg(w, "returning")
@@ -1006,8 +1054,60 @@ def analyze_tree(
     return StatementLineage(columns, shape, writes, relations, walker.tainted, srf)
 
 
-def view_lineage(catalog: Catalog, view: Relation) -> list[tuple[frozenset[Ref], bool]]:
-    """Per column of a view or materialized view: its source columns and whether direct.
+def check_uses(
+    catalog: Catalog,
+    rel: Relation,
+    op: str,
+    written: dict[str, frozenset[Ref]],
+    depth: int = 0,
+) -> list[ShapeUse]:
+    """The checks an ``op`` ("insert", "update", "delete") on ``rel`` makes against stored
+    values, as row-shaping uses of the columns that decide them (``RowCheck``).
+
+    ``written`` maps the column names the statement writes to the sources of the values
+    written; an INSERT also writes every column with a default. The checks of partitions and
+    inheritance children count (rows are routed to them, UPDATE and DELETE reach them); a view
+    writes its base relations, each as if every column were written."""
+    if depth > 32:
+        raise LineageError("views nested too deeply")
+    uses: list[ShapeUse] = []
+    if rel.is_view:
+        flows = frozenset(r for refs in written.values() for r in refs)
+        bases = {ref[0] for refs, _ in view_lineage(catalog, rel) for ref in refs}
+        for oid in sorted(bases):
+            base = catalog.relation_by_oid(oid)
+            if base is not None and base.oid != rel.oid:
+                every = {c.name: flows for c in base.columns}
+                uses += check_uses(catalog, base, op, every, depth + 1)
+    for target in catalog.descendants(rel.oid):
+        names = set(written)
+        attnums = frozenset(
+            c.attnum
+            for c in target.columns
+            if c.name in names
+            or (op == "insert" and c.has_default)
+            or (op == "update" and c.generated_from)
+        )
+        names_of = {c.attnum: c.name for c in target.columns}
+        for check in target.checks:
+            if not check.fired_by(op, attnums):
+                continue
+            values = frozenset(
+                r for a in (check.columns or attnums) for r in written.get(names_of.get(a, ""), ())
+            )
+            if check.kind == "trigger or rule":
+                sources = frozenset(catalog.tagged) | values
+            elif check.kind == "check constraint" and op == "insert":
+                sources = values  # a new row: only what is written into it is tested
+            else:
+                sources = check.tested | values
+            if sources:
+                uses.append(ShapeUse(f"a {check.kind} of {target.qualified}", sources))
+    return uses
+
+
+def view_analysis(catalog: Catalog, view: Relation) -> StatementLineage:
+    """The lineage of a view's or materialized view's definition.
 
     The definition is pg_get_viewdef's text, written with names qualified as needed for an empty
     search_path (the loader asks for it that way)."""
@@ -1016,4 +1116,9 @@ def view_lineage(catalog: Catalog, view: Relation) -> list[tuple[frozenset[Ref],
     result = analyze(view.view_sql, catalog, ())
     if len(result.columns) != len(view.columns):
         raise LineageError(f"view {view.qualified} definition does not match its columns")
-    return [(c.sources, c.direct) for c in result.columns]
+    return result
+
+
+def view_lineage(catalog: Catalog, view: Relation) -> list[tuple[frozenset[Ref], bool]]:
+    """Per column of a view or materialized view: its source columns and whether direct."""
+    return [(c.sources, c.direct) for c in view_analysis(catalog, view).columns]

@@ -20,7 +20,7 @@ from pgproxy.policy.decide import PolicyEngine
 from pgproxy.policy.operators import MaskCatalog
 from pgproxy.policy.seam import Action, FieldInfo, StatementContext
 from pgproxy.rules import Rules
-from pgproxy.server.catalog_loader import load_catalog
+from pgproxy.server.catalog_loader import build_catalog, load_catalog
 
 DB = "pgproxy_catalog_loader_test"
 
@@ -38,6 +38,22 @@ CREATE VIEW clinic.summary_ssn AS SELECT ssn FROM clinic.patient_summary;
 CREATE MATERIALIZED VIEW clinic.city_ssn AS SELECT city, ssn FROM clinic.patients;
 CREATE FUNCTION clinic.leak(t text) RETURNS text LANGUAGE sql AS 'SELECT t';
 INSERT INTO clinic.patients VALUES (1, 'Testy', '000-12-3456', '1970-01-01', 'Springfield');
+CREATE TABLE clinic.members (
+    id int PRIMARY KEY, email text, mrn text CONSTRAINT members_mrn UNIQUE, nick text, note text,
+    joined int GENERATED ALWAYS AS IDENTITY);
+CREATE UNIQUE INDEX members_lower_email ON clinic.members (lower(email));
+CREATE UNIQUE INDEX members_nick ON clinic.members (nick) WHERE note IS NOT NULL;
+CREATE TABLE clinic.visit_notes (
+    id int, member_mrn text REFERENCES clinic.members (mrn), admitted date, born date,
+    CHECK (admitted >= born));
+CREATE FUNCTION clinic.touch() RETURNS trigger LANGUAGE plpgsql AS 'BEGIN RETURN NEW; END';
+CREATE TABLE clinic.audited (id int, note text);
+CREATE TRIGGER audited_touch BEFORE INSERT ON clinic.audited
+    FOR EACH ROW EXECUTE FUNCTION clinic.touch();
+CREATE TABLE clinic.cards (id int, ssn text, tail text GENERATED ALWAYS AS (right(ssn, 4)) STORED);
+CREATE TABLE clinic.births (id int, dob date) PARTITION BY RANGE (dob);
+CREATE TABLE clinic.births_1960s PARTITION OF clinic.births
+    FOR VALUES FROM ('1960-01-01') TO ('1970-01-01');
 """
 
 RULES = Rules.model_validate(
@@ -49,6 +65,10 @@ RULES = Rules.model_validate(
             "clinic.patients.dob": "dob",
             "clinic.labs.mrn": "mrn",
             "clinic.*.email": "email",
+            "clinic.members.mrn": "mrn",
+            "clinic.visit_notes.born": "dob",
+            "clinic.cards.ssn": "ssn",
+            "clinic.births.dob": "dob",
         },
         "approvals": {"approvers": ["privacy@example.org"]},
     }
@@ -211,3 +231,65 @@ async def test_unknown_and_temporary_relations_are_blocked(
     assert engine.statement("SELECT clinic.leak(ssn) FROM clinic.patients", CTX).action is (
         Action.BLOCK
     )
+
+
+async def test_loader_reads_the_checks_a_write_makes(catalog: Catalog) -> None:
+    members = catalog.relation("clinic", "members")
+    notes = catalog.relation("clinic", "visit_notes")
+    audited = catalog.relation("clinic", "audited")
+    assert members is not None and notes is not None and audited is not None
+    col = {c.name: c.attnum for c in members.columns}
+    unique = {c.columns for c in members.checks if c.kind == "unique index"}
+    assert unique == {
+        frozenset({col["id"]}),
+        frozenset({col["mrn"]}),
+        frozenset({col["email"]}),  # lower(email)
+        frozenset({col["nick"], col["note"]}),  # nick WHERE note IS NOT NULL
+    }
+    assert [c.kind for c in members.checks if c.kind == "referenced key"] == ["referenced key"]
+    assert {c.name for c in members.columns if c.has_default} == {"joined"}
+    assert {c.kind for c in notes.checks} == {"foreign key", "check constraint"}
+    assert [c.kind for c in audited.checks] == ["trigger or rule"]
+
+
+@pytest.mark.parametrize(
+    ("sql", "action", "reason"),
+    [
+        ("INSERT INTO clinic.members (id, email) VALUES (7, 'a@b.c')", Action.HOLD, "unique"),
+        ("INSERT INTO clinic.members (id, mrn) VALUES (7, 'MRN1')", Action.HOLD, "unique"),
+        ("INSERT INTO clinic.members (id, nick, note) VALUES (7, 'x', 'y')", Action.ALLOW, ""),
+        ("INSERT INTO clinic.visit_notes (id, member_mrn) VALUES (1, 'M')", Action.HOLD, "foreign"),
+        ("DELETE FROM clinic.members WHERE id = 7", Action.HOLD, "referenced key"),
+        ("UPDATE clinic.visit_notes SET admitted = '1970-01-01'", Action.HOLD, "check"),
+        ("INSERT INTO clinic.audited (id, note) VALUES (1, 'x')", Action.HOLD, "trigger"),
+        ("COPY clinic.members (id, mrn) FROM STDIN", Action.HOLD, "unique"),
+        ("INSERT INTO clinic.patients (id, city) VALUES (9, 'Springfield')", Action.ALLOW, ""),
+    ],
+)
+async def test_writes_that_test_stored_tagged_values_are_held(
+    catalog: Catalog, sql: str, action: Action, reason: str
+) -> None:
+    verdict = PolicyEngine(RULES, catalog, MaskCatalog(RULES), "bot").statement(sql, CTX)
+    assert verdict.action is action, verdict.reasons
+    assert any(reason in r for r in verdict.reasons), verdict.reasons
+
+
+async def test_generated_columns_and_partition_keys_carry_tags(catalog: Catalog) -> None:
+    tail = catalog.tag(_ref(catalog, "cards", "tail"))
+    assert tail is not None and tail.tags == {"ssn"} and tail.derived
+    births = catalog.relation("clinic", "births")
+    assert births is not None and births.partition_key == {_ref(catalog, "births", "dob")[1]}
+    engine = PolicyEngine(RULES, catalog, MaskCatalog(RULES), "bot")
+    masked = engine.statement("SELECT id, tail FROM clinic.cards", CTX)
+    assert masked.action is Action.MASK and [m.column for m in masked.masks] == ["tail"]
+    held = engine.statement("SELECT id FROM clinic.births_1960s", CTX)
+    assert held.action is Action.HOLD and any("partition" in r for r in held.reasons)
+    assert engine.statement("SELECT id FROM clinic.births", CTX).action is Action.ALLOW
+
+
+def test_a_write_into_a_foreign_table_runs_checks_the_policy_cannot_see() -> None:
+    rels = [{"oid": 5, "schema": "clinic", "name": "remote", "relkind": "f", "viewdef": None}]
+    cols = [{"relid": 5, "attnum": 1, "name": "id", "type_oid": 23}]
+    cat = build_catalog(rels, cols, [], [], RULES)
+    remote = cat.relation("clinic", "remote")
+    assert remote is not None and [c.kind for c in remote.checks] == ["trigger or rule"]
