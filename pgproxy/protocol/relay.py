@@ -23,6 +23,7 @@ import itertools
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from typing import TypeVar
 
 from pgproxy.policy.seam import (
     PASS_ROWS,
@@ -146,14 +147,30 @@ class _Described:
         return self.fields
 
 
+# what the server made of a Parse or Bind
+_SENT, _MADE, _REFUSED = range(3)
+
+
 @dataclass(slots=True)
-class _Statement(_Described):
+class _Named(_Described):
+    """A prepared statement or portal as the server has it. Its Parse/Bind may be refused
+    (the name exists already, an aborted transaction, an error earlier in the pipeline): then
+    the server still has ``prev`` under that name, so a refused entry stands for ``prev``."""
+
+    prev: _Named | None = field(default=None, kw_only=True)
+    state: int = field(default=_SENT, kw_only=True)
+    #: Syncs sent before its Parse/Bind: in the same Sync segment, a refusal skips what follows
+    segment: int = field(default=0, kw_only=True)
+
+
+@dataclass(slots=True)
+class _Statement(_Named):
     sql: str
     verdict: Verdict
 
 
 @dataclass(slots=True)
-class _Portal(_Described):
+class _Portal(_Named):
     statement: _Statement | None
     #: the Bind body, decoded on first use (parameters matter only to holds)
     bind_raw: bytes
@@ -254,6 +271,8 @@ class Relay:
         self._pending: deque[_Pending] = deque()
         self._statements: dict[str, _Statement] = {}
         self._portals: dict[str, _Portal] = {}
+        #: Syncs sent upstream (see ``_Named.segment``)
+        self._syncs = 0
         self._ids = itertools.count(1)
         self._held: _Held | None = None
         #: client bytes that arrived while a statement was held
@@ -310,11 +329,15 @@ class Relay:
             if tag in (F_BIND, F_DESCRIBE, F_CLOSE, F_FLUSH, F_COPY_DATA, F_COPY_DONE, F_COPY_FAIL):
                 # forwarded as is; Bind/Describe/Close need bookkeeping
                 if tag == F_BIND:
-                    self._on_bind(chunk, start, end)
+                    if not self._on_bind(chunk, start, end):
+                        if run_start >= 0:
+                            out += chunk[run_start:start]
+                        self._wait_for_answers(chunk, frames, i)
+                        return
                 elif tag == F_DESCRIBE:
                     self._on_describe(chunk, start, end)
                 elif tag == F_CLOSE:
-                    self._pending.append(_Pending(_CLOSE))
+                    self._on_close(chunk, start, end)
                 if run_start < 0:
                     run_start = start
                 continue
@@ -329,9 +352,10 @@ class Relay:
                     # the server skips to this Sync and aborts the transaction as the client
                     # now believes it did
                     self._poison_before_sync = False
-                    out += m.Parse("", BLOCKED_SQL).encode()
+                    self._withhold()
                     self._pending.append(_Pending(_PARSE, internal=True))
                 self._pending.append(_Pending(_SYNC))
+                self._syncs += 1
                 out += chunk[start:end]
             elif tag == F_QUERY:
                 sent = self._on_query(chunk, start, end)
@@ -344,7 +368,11 @@ class Relay:
             elif tag == F_PARSE:
                 self._on_parse(chunk, start, end)
             elif tag == F_EXECUTE:
-                if not self._on_execute(chunk, start, end):
+                sent = self._on_execute(chunk, start, end)
+                if sent is None:
+                    self._wait_for_answers(chunk, frames, i)
+                    return
+                if not sent:
                     self._defer(chunk, frames, i + 1)
                     return
             elif tag == F_FUNCTION:
@@ -364,6 +392,18 @@ class Relay:
         if nxt < len(frames):
             self._deferred[:0] = chunk[frames[nxt][1] :]
         self._deferred += self._client.take_rest()
+
+    def _withhold(self) -> None:
+        """Send the substitute that fails at once; it drops the unnamed statement upstream."""
+        self.to_server += _WITHHELD
+        self._statements.pop("", None)
+
+    def _wait_for_answers(self, chunk: bytes, frames: list[tuple[int, int, int]], i: int) -> None:
+        """``frames[i]`` names something whose Parse/Bind is still unanswered in an earlier Sync
+        segment: see it again once everything in flight is answered."""
+        self._gate = self._pending[-1]
+        self.to_server += _FLUSH
+        self._defer(chunk, frames, i)
 
     def _ctx(self, origin: str, name: str = "", types: tuple[int, ...] = ()) -> StatementContext:
         return StatementContext(self.agent, self.database, origin, name, types)
@@ -429,7 +469,22 @@ class Relay:
         self._send_query(chunk[start:end], sid, verdict)
         return True
 
+    def _sql_names(self, verdict: Verdict) -> None:
+        """SQL PREPARE and DECLARE create names the extended protocol shares. Whatever we
+        knew under a name may since have been dropped upstream (DEALLOCATE, DISCARD, CLOSE, the
+        end of a transaction) and taken by such a statement: forget every named statement or
+        portal, so that using one is refused until it is prepared or bound again."""
+        classes = verdict.statement_class
+        if "prepare" in classes or "declare" in classes:
+            kinds = classes.split(";")
+            if "prepare" in kinds:
+                self._statements = {"": s} if (s := self._statements.get("")) else {}
+            if "declare" in kinds:
+                self._portals = {"": p} if (p := self._portals.get("")) else {}
+
     def _send_query(self, raw: bytes, sid: int, verdict: Verdict) -> None:
+        if verdict.admits:
+            self._sql_names(verdict)
         if verdict.admits and _row_limit(verdict) is None:
             self.to_server += raw
             self._pending.append(_Pending(_QUERY, verdict, sid))
@@ -456,9 +511,14 @@ class Relay:
     def _on_parse(self, chunk: bytes, start: int, end: int) -> None:
         msg = m.Parse.decode(memoryview(chunk)[start + 5 : end])
         verdict = self._decide(msg.sql, self._ctx("parse", msg.name, msg.param_types))
-        stmt = _Statement(msg.sql, verdict)
+        stmt = _Statement(msg.sql, verdict, prev=_before(self._statements.get(msg.name)))
+        stmt.segment = self._syncs
         self._statements[msg.name] = stmt
         if verdict.action is Action.BLOCK:
+            # refused for certain: a named statement that existed is still there
+            stmt.state = _REFUSED
+            if not msg.name:
+                stmt.prev = None  # a Parse drops the unnamed statement before it parses
             sid = self._admit(msg.sql, verdict, "parse")
             self.to_server += m.Parse(msg.name, BLOCKED_SQL, msg.param_types).encode()
             self._pending.append(
@@ -471,7 +531,9 @@ class Relay:
         self.to_server += chunk[start:end]
         self._pending.append(_Pending(_PARSE, verdict, statement=stmt))
 
-    def _on_bind(self, chunk: bytes, start: int, end: int) -> None:
+    def _on_bind(self, chunk: bytes, start: int, end: int) -> bool:
+        """Record a Bind; False: its statement's Parse is unanswered in an earlier Sync
+        segment, so which statement the server binds is not known yet."""
         body = chunk[start + 5 : end]
         first = body.find(b"\x00")
         second = body.find(b"\x00", first + 1)
@@ -481,36 +543,60 @@ class Relay:
             portal, statement = body[:first].decode(), body[first + 1 : second].decode()
         except UnicodeDecodeError:
             raise PeerProtocolError("Bind names are not valid UTF-8") from None
-        self._portals[portal] = _Portal(self._statements.get(statement), body)
-        self._pending.append(_Pending(_BIND))
+        stmt = self._statements.get(statement)
+        if stmt is not None and stmt.state == _SENT and stmt.segment != self._syncs:
+            return False
+        if stmt is not None and stmt.verdict.action is not Action.BLOCK:
+            stmt = _made(stmt)  # a blocked one stays: its Execute is refused in its name
+        bound = _Portal(stmt, body, prev=_before(self._portals.get(portal)), segment=self._syncs)
+        self._portals[portal] = bound
+        self._pending.append(_Pending(_BIND, portal=bound))
+        return True
+
+    def _on_close(self, chunk: bytes, start: int, end: int) -> None:
+        msg = m.Close.decode(memoryview(chunk)[start + 5 : end])
+        # forgotten at once: if the server skips this Close, the name is unknown to us while
+        # it still exists upstream, and using it is refused (fail closed)
+        if msg.kind == b"S":
+            self._statements.pop(msg.name, None)
+        else:
+            self._portals.pop(msg.name, None)
+        self._pending.append(_Pending(_CLOSE))
 
     def _on_describe(self, chunk: bytes, start: int, end: int) -> None:
         msg = m.Describe.decode(memoryview(chunk)[start + 5 : end])
         p = _Pending(_DESCRIBE, describe_kind=msg.kind)
         if msg.kind == b"S":
-            p.statement = self._statements.get(msg.name)
+            p.statement = _made(self._statements.get(msg.name))
         else:
-            p.portal = self._portals.get(msg.name)
+            p.portal = _made(self._portals.get(msg.name))
             if p.portal is not None:
                 p.portal.described = True
         self._pending.append(p)
 
-    def _on_execute(self, chunk: bytes, start: int, end: int) -> bool:
+    def _on_execute(self, chunk: bytes, start: int, end: int) -> bool | None:
+        """Send (True) or hold (False) an Execute; None: its portal's Bind is unanswered in an
+        earlier Sync segment, so see it again once what is in flight is answered."""
         if end - start == 10 and chunk[start + 5] == 0:
             name = ""  # the unnamed portal, as most drivers send it
         else:
             name = m.Execute.decode(memoryview(chunk)[start + 5 : end]).portal
         portal = self._portals.get(name)
+        if portal is not None and portal.state == _SENT and portal.segment != self._syncs:
+            return None
+        portal = _made(portal)
         stmt = portal.statement if portal is not None else None
-        if portal is None or stmt is None:
-            # unknown to us, so unknown upstream too: Postgres answers with its own error
-            self.to_server += chunk[start:end]
-            self._pending.append(_Pending(_EXECUTE))
-            return True
-        if stmt.verdict.action is Action.BLOCK:
-            # its Parse was replaced, so Postgres has no such statement: it answers itself
-            self.to_server += chunk[start:end]
-            self._pending.append(_Pending(_EXECUTE))
+        if portal is None or stmt is None or stmt.verdict.action is Action.BLOCK:
+            # not prepared and bound through the policy (an SQL PREPARE or DECLARE shares these
+            # names; a blocked Parse left whatever the name meant before): never run upstream
+            self._withhold()
+            if stmt is not None:  # its Parse was blocked, and recorded as such
+                self._pending.append(_Pending(_EXECUTE, replace_error=_policy_error(stmt.verdict)))
+                return True
+            sid = self._admit("", _UNBOUND, "execute")
+            self._pending.append(
+                _Pending(_EXECUTE, _UNBOUND, sid, replace_error=_policy_error(_UNBOUND))
+            )
             return True
         try:
             checked = self.policy.revalidate(stmt.sql, stmt.verdict, self._ctx("execute"))
@@ -529,7 +615,7 @@ class Relay:
 
     def _send_execute(self, raw: bytes, sid: int, verdict: Verdict, portal: _Portal) -> None:
         if not verdict.admits:
-            self.to_server += m.Execute("pgproxy: withheld portal", 0).encode()
+            self._withhold()
             self._pending.append(
                 _Pending(
                     _EXECUTE, verdict, sid, replace_error=_policy_error(verdict), portal=portal
@@ -544,6 +630,7 @@ class Relay:
                 _Pending(_DESCRIBE, describe_kind=b"P", portal=portal, internal=True)
             )
             portal.described = True
+        self._sql_names(verdict)
         self.to_server += raw
         sql = portal.statement.sql if portal.statement is not None else ""
         pending = _Pending(_EXECUTE, verdict, sid, portal=portal, sql=sql)
@@ -985,6 +1072,8 @@ class Relay:
             err = m.ErrorResponse.decode(body)
             head.sqlstate = err.sqlstate
             self.to_client += self._scrubbed(err, raw, head.verdict)
+        if not head.sqlstate:
+            head.sqlstate = "XX000"  # an error all the same (see ``_finish``)
         if head.kind not in _ENDS_AT_READY:
             # extended protocol: the server now skips to Sync
             while self._pending and self._pending[0].kind != _SYNC:
@@ -1032,6 +1121,13 @@ class Relay:
         )
 
     def _finish(self, p: _Pending) -> None:
+        if p.kind == _PARSE or p.kind == _BIND:
+            named = p.statement if p.kind == _PARSE else p.portal
+            if named is not None and named.state == _SENT:
+                # answered by ParseComplete/BindComplete, or skipped or failed with an error
+                named.state = _REFUSED if p.sqlstate else _MADE
+                if named.state == _MADE:
+                    named.prev = None
         if p is self._gate:
             self._gate = None
             self._ungate = True
@@ -1064,6 +1160,31 @@ def _query_text(chunk: bytes, start: int, end: int) -> str:
         except UnicodeDecodeError:
             pass
     return m.Query.decode(memoryview(chunk)[start + 5 : end]).sql
+
+
+_N = TypeVar("_N", bound=_Named)
+
+
+def _before(named: _N | None) -> _N | None:
+    """The ``prev`` of a new Parse/Bind of a name: what the server will have if it refuses."""
+    return named if named is not None and named.state == _SENT else _made(named)
+
+
+def _made(named: _N | None) -> _N | None:
+    """What the server has under a name: a refused Parse/Bind left the previous entry."""
+    while named is not None and named.state == _REFUSED:
+        named = named.prev  # type: ignore[assignment]
+    return named
+
+
+#: in place of an Execute the policy refuses: an unnamed Parse that fails at once (a portal
+#: name would not do, since SQL DECLARE can create any name)
+_WITHHELD = m.Parse("", BLOCKED_SQL).encode()
+_UNBOUND = Verdict(
+    Action.BLOCK,
+    ("the portal or statement was not prepared through the extended protocol",),
+    message="statement blocked: execute only what was prepared with Parse and Bind",
+)
 
 
 def _row_limit(verdict: Verdict) -> int | None:

@@ -21,6 +21,7 @@ import pytest
 
 from pgproxy.protocol.relay import HoldRequested
 from pgproxy.server.holds import HoldContext, HoldOutcome
+from tests.integration._util import RawConn, message, startup_packet
 from tests.integration.capture import CaptureHop
 from tests.integration.conftest import ProxyThread
 from tests.integration.conftest import policy_proxy as start_policy_proxy
@@ -490,4 +491,146 @@ def test_a_schema_named_after_the_upstream_role_does_not_shadow_public(
     finally:
         with psycopg.connect(phi_db, autocommit=True) as owner:
             owner.execute(f'DROP SCHEMA "{user}" CASCADE')
+    assert_no_phi(hop.snapshot())
+
+
+# ------------------------------------------------------------- names shared across paths
+# Prepared statements and portals are names on the server; SQL PREPARE/DECLARE and the
+# extended protocol share them. A name the relay binds to one verdict must not run another
+# statement upstream.
+
+
+def _raw(hop: CaptureHop) -> RawConn:
+    raw = RawConn(hop.host, hop.port, timeout=20)
+    raw.send(startup_packet({"user": "triage-bot", "database": DB}))
+    raw.login("triage-bot", "s3cret")
+    return raw
+
+
+def _parse(name: str, sql: str) -> bytes:
+    return message(b"P", name.encode() + b"\x00" + sql.encode() + b"\x00" + struct.pack("!h", 0))
+
+
+def _bind(portal: str, statement: str) -> bytes:
+    body = portal.encode() + b"\x00" + statement.encode() + b"\x00"
+    return message(b"B", body + struct.pack("!hhh", 0, 0, 0))
+
+
+def _execute(portal: str, max_rows: int = 0) -> bytes:
+    return message(b"E", portal.encode() + b"\x00" + struct.pack("!i", max_rows))
+
+
+SYNC = message(b"S", b"")
+
+
+def _until_ready(raw: RawConn, n: int = 1) -> list[tuple[bytes, bytes]]:
+    out: list[tuple[bytes, bytes]] = []
+    for _ in range(n):
+        out += raw.read_until_ready()
+    return out
+
+
+def test_protocol_execute_of_an_sql_prepared_statement(hop: CaptureHop) -> None:
+    raw = _raw(hop)
+    try:
+        raw.query("PREPARE sqlprep AS SELECT ssn, first_name FROM patients")
+        raw.send(_bind("", "sqlprep") + _execute("") + SYNC)
+        _until_ready(raw)
+        assert raw.query("SELECT 40 + 2")[-1][0] == b"Z"
+    finally:
+        raw.close()
+    assert_no_phi(hop.snapshot())
+
+
+def test_protocol_execute_of_an_sql_cursor(hop: CaptureHop) -> None:
+    raw = _raw(hop)
+    try:
+        raw.query("BEGIN")
+        raw.query("DECLARE sqlcur CURSOR FOR SELECT ssn, first_name FROM patients")
+        raw.send(_execute("sqlcur") + SYNC)
+        _until_ready(raw)
+        raw.query("ROLLBACK")
+    finally:
+        raw.close()
+    assert_no_phi(hop.snapshot())
+
+
+def test_a_second_parse_of_a_name_does_not_rebind_it(hop: CaptureHop) -> None:
+    raw = _raw(hop)
+    try:
+        raw.send(_parse("twice", "SELECT ssn, first_name FROM patients") + SYNC)
+        _until_ready(raw)
+        # Postgres refuses the second Parse (the name exists): "twice" is still the first
+        raw.send(_parse("twice", "SELECT 'x'::text, 'y'::text") + SYNC)
+        _until_ready(raw)
+        raw.send(_bind("", "twice") + _execute("") + SYNC)
+        _until_ready(raw)
+    finally:
+        raw.close()
+    assert_no_phi(hop.snapshot())
+
+
+def test_a_blocked_parse_of_an_existing_name(hop: CaptureHop) -> None:
+    raw = _raw(hop)
+    try:
+        raw.send(_parse("again", "SELECT ssn, first_name FROM patients") + SYNC)
+        _until_ready(raw)
+        raw.send(_parse("again", "SELECT pg_sleep(0)") + SYNC)  # blocked: replaced upstream
+        _until_ready(raw)
+        raw.send(_bind("", "again") + _execute("") + SYNC)
+        _until_ready(raw)
+    finally:
+        raw.close()
+    assert_no_phi(hop.snapshot())
+
+
+def test_a_portal_replaced_by_an_sql_cursor(hop: CaptureHop) -> None:
+    raw = _raw(hop)
+    try:
+        raw.query("BEGIN")
+        raw.send(_parse("", "SELECT 'x'::text, 'y'::text") + _bind("pc", "") + SYNC)
+        _until_ready(raw)
+        raw.query("CLOSE pc")
+        raw.query("DECLARE pc CURSOR FOR SELECT ssn, first_name FROM patients")
+        raw.send(_execute("pc") + SYNC)
+        _until_ready(raw)
+        raw.query("ROLLBACK")
+    finally:
+        raw.close()
+    assert_no_phi(hop.snapshot())
+
+
+def test_a_refused_parse_pipelined_across_syncs(hop: CaptureHop) -> None:
+    raw = _raw(hop)
+    try:
+        # all in one write: the relay cannot know the second Parse is refused when it sees
+        # the Bind, so the Bind waits for the answers in flight
+        raw.send(
+            _parse("piped", "SELECT ssn, first_name FROM patients") + SYNC
+            + _parse("piped", "SELECT 'x'::text, 'y'::text") + SYNC
+            + _bind("", "piped") + _execute("") + SYNC
+        )  # fmt: skip
+        msgs = _until_ready(raw, 3)
+        rows = [body for tag, body in msgs if tag == b"D"]
+        assert len(rows) == 2  # the statement the server has, masked
+        assert raw.query("SELECT 40 + 2")[-1][0] == b"Z"
+    finally:
+        raw.close()
+    assert_no_phi(hop.snapshot())
+
+
+def test_a_portal_bound_in_an_earlier_sync_segment_runs_masked(hop: CaptureHop) -> None:
+    raw = _raw(hop)
+    try:
+        raw.query("BEGIN")
+        raw.send(
+            _parse("seg", "SELECT ssn, first_name FROM patients ORDER BY id") + _bind("pseg", "seg")
+            + SYNC + _execute("pseg", 1) + SYNC + _execute("pseg") + SYNC
+        )  # fmt: skip
+        msgs = _until_ready(raw, 3)
+        assert [tag for tag, _ in msgs].count(b"D") == 2
+        assert b"s" in [tag for tag, _ in msgs]  # PortalSuspended after the first row
+        raw.query("ROLLBACK")
+    finally:
+        raw.close()
     assert_no_phi(hop.snapshot())
