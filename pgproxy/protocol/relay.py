@@ -175,6 +175,8 @@ class _Portal(_Named):
     #: the Bind body, decoded on first use (parameters matter only to holds)
     bind_raw: bytes
     described: bool = False
+    #: rows earlier Executes of this portal returned (a row limit counts across them)
+    rows: int = 0
     _bind: m.Bind | None = None
 
     @property
@@ -220,6 +222,12 @@ class _Pending:
     client_errors: bool = False
     #: internal, and its ReadyForQuery is not the client's (the BEGIN before a wrapped Query)
     quiet_ready: bool = False
+    #: SQL PREPARE/DECLARE names it defines, with the generation decided (see ``_sql_gen``)
+    defines: tuple[tuple[tuple[bytes, str], int], ...] = ()
+    #: rows the same portal or SQL cursors returned before: a row limit counts across them
+    base: int = 0
+    #: SQL cursors it fetches from (their rows are counted in ``_cursor_rows``)
+    cursors: tuple[str, ...] = ()
 
 
 @dataclass(slots=True)
@@ -273,6 +281,16 @@ class Relay:
         self._portals: dict[str, _Portal] = {}
         #: Syncs sent upstream (see ``_Named.segment``)
         self._syncs = 0
+        # SQL PREPARE/DECLARE names, keyed (b"S" or b"P", name). The policy remembers what such
+        # a statement defines when it decides it, whether or not the server then runs it; so
+        # EXECUTE/FETCH/MOVE of a name passes only when the last definition the policy decided
+        # is the one the server made. A generation counts decisions (and protocol messages)
+        # touching a name; ``_sql_trusted`` holds the generation the server confirmed.
+        self._sql_gen: dict[tuple[bytes, str], int] = {}
+        self._sql_trusted: dict[tuple[bytes, str], int] = {}
+        self._sql_inflight: dict[tuple[bytes, str], _Pending] = {}
+        #: rows each SQL cursor returned so far (FETCH after FETCH counts toward a row limit)
+        self._cursor_rows: dict[str, int] = {}
         self._ids = itertools.count(1)
         self._held: _Held | None = None
         #: client bytes that arrived while a statement was held
@@ -415,6 +433,10 @@ class Relay:
             verdict = self.policy.statement(sql, ctx)
             if clock is not None:
                 self._decided_in = clock() - t0
+            if _names_sql(verdict.statement_class):
+                for defines, kind, name in _sql_name_ops(sql) or ():
+                    if defines:  # the policy now holds this definition for the name
+                        self._touch_name(kind, name)
             return verdict
         except Exception:  # fail closed: a policy crash is a block
             return Verdict(
@@ -422,6 +444,56 @@ class Relay:
                 ("internal policy error",),
                 message="statement blocked: internal policy error",
             )
+
+    def _touch_name(self, kind: bytes, name: str) -> None:
+        key = (kind, name)
+        self._sql_gen[key] = self._sql_gen.get(key, 0) + 1
+        self._sql_trusted.pop(key, None)
+
+    def _names_ok(self, sql: str, verdict: Verdict) -> bool | None:
+        """Whether each EXECUTE/FETCH/MOVE in ``sql`` names what the policy decided for it;
+        None: a definition of the name is still in flight, ask again once it is answered."""
+        if verdict.action is Action.BLOCK or not _names_sql(verdict.statement_class):
+            return True
+        ops = _sql_name_ops(sql)
+        if ops is None:
+            return False
+        here: set[tuple[bytes, str]] = set()
+        for defines, kind, name in ops:
+            key = (kind, name)
+            if defines:
+                here.add(key)
+            elif key not in here:
+                if key in self._sql_inflight:
+                    return None
+                if self._sql_trusted.get(key, -1) != self._sql_gen.get(key, 0):
+                    return False
+        return True
+
+    def _note_defines(self, sql: str, verdict: Verdict, pending: _Pending) -> None:
+        """An SQL PREPARE/DECLARE is sent: trusted once it succeeds (``_finish``). The name is
+        the server's now, so whatever the extended protocol had under it is forgotten. A FETCH
+        starts its row count where the cursor's earlier FETCHes left it."""
+        if not _names_sql(verdict.statement_class):
+            return
+        defs = []
+        cursors: list[str] = []
+        for defines, kind, name in _sql_name_ops(sql) or ():
+            if not defines and kind == b"P" and name not in cursors:
+                cursors.append(name)
+                pending.base += self._cursor_rows.get(name, 0)
+            if defines:
+                if kind == b"P":
+                    self._cursor_rows.pop(name, None)
+                key = (kind, name)
+                defs.append((key, self._sql_gen.get(key, 0)))
+                self._sql_inflight[key] = pending
+                if kind == b"S":
+                    self._statements.pop(name, None)
+                else:
+                    self._portals.pop(name, None)
+        pending.defines = tuple(defs)
+        pending.cursors = tuple(cursors)
 
     def _admit(self, sql: str, verdict: Verdict, origin: str) -> int:
         sid = next(self._ids)
@@ -446,6 +518,13 @@ class Relay:
         """Send (True) or hold (False) a Query; None: wait until nothing is in flight."""
         sql = _query_text(chunk, start, end)
         verdict = self._bulk(sql, self._decide(sql, self._ctx("query")))
+        names = self._names_ok(sql, verdict)
+        if names is None:
+            self._gate = self._pending[-1]
+            self.to_server += _FLUSH
+            return None
+        if not names:
+            verdict = _refused(verdict, _UNKNOWN_NAME)
         if self._pending and _row_limit(verdict) is not None:
             # a row-limited Query needs the transaction state it will run in (_send_query);
             # Flush: what is in flight may be extended-protocol messages without a Sync yet
@@ -469,25 +548,13 @@ class Relay:
         self._send_query(chunk[start:end], sid, verdict)
         return True
 
-    def _sql_names(self, verdict: Verdict) -> None:
-        """SQL PREPARE and DECLARE create names the extended protocol shares. Whatever we
-        knew under a name may since have been dropped upstream (DEALLOCATE, DISCARD, CLOSE, the
-        end of a transaction) and taken by such a statement: forget every named statement or
-        portal, so that using one is refused until it is prepared or bound again."""
-        classes = verdict.statement_class
-        if "prepare" in classes or "declare" in classes:
-            kinds = classes.split(";")
-            if "prepare" in kinds:
-                self._statements = {"": s} if (s := self._statements.get("")) else {}
-            if "declare" in kinds:
-                self._portals = {"": p} if (p := self._portals.get("")) else {}
-
     def _send_query(self, raw: bytes, sid: int, verdict: Verdict) -> None:
-        if verdict.admits:
-            self._sql_names(verdict)
         if verdict.admits and _row_limit(verdict) is None:
             self.to_server += raw
             self._pending.append(_Pending(_QUERY, verdict, sid))
+            if _names_sql(verdict.statement_class):
+                sql = m.Query.decode(memoryview(raw)[5:]).sql
+                self._note_defines(sql, verdict, self._pending[-1])
         elif verdict.admits:
             # A row-limited Query may be cut short while the server goes on with it. Postgres
             # would have aborted it, and the client believes it did: so it runs alone (later
@@ -502,6 +569,7 @@ class Relay:
             self.to_server += raw
             self._pending.append(pending)
             self._gate = pending
+            self._note_defines(pending.sql, verdict, pending)
         else:
             self.to_server += m.Query(BLOCKED_SQL).encode()
             self._pending.append(
@@ -510,6 +578,8 @@ class Relay:
 
     def _on_parse(self, chunk: bytes, start: int, end: int) -> None:
         msg = m.Parse.decode(memoryview(chunk)[start + 5 : end])
+        if msg.name:
+            self._touch_name(b"S", msg.name)  # no longer what an SQL PREPARE made it, if it was
         verdict = self._decide(msg.sql, self._ctx("parse", msg.name, msg.param_types))
         stmt = _Statement(msg.sql, verdict, prev=_before(self._statements.get(msg.name)))
         stmt.segment = self._syncs
@@ -546,6 +616,8 @@ class Relay:
         stmt = self._statements.get(statement)
         if stmt is not None and stmt.state == _SENT and stmt.segment != self._syncs:
             return False
+        if portal:
+            self._touch_name(b"P", portal)
         if stmt is not None and stmt.verdict.action is not Action.BLOCK:
             stmt = _made(stmt)  # a blocked one stays: its Execute is refused in its name
         bound = _Portal(stmt, body, prev=_before(self._portals.get(portal)), segment=self._syncs)
@@ -561,6 +633,8 @@ class Relay:
             self._statements.pop(msg.name, None)
         else:
             self._portals.pop(msg.name, None)
+        if msg.name:
+            self._touch_name(b"S" if msg.kind == b"S" else b"P", msg.name)
         self._pending.append(_Pending(_CLOSE))
 
     def _on_describe(self, chunk: bytes, start: int, end: int) -> None:
@@ -598,10 +672,19 @@ class Relay:
                 _Pending(_EXECUTE, _UNBOUND, sid, replace_error=_policy_error(_UNBOUND))
             )
             return True
-        try:
-            checked = self.policy.revalidate(stmt.sql, stmt.verdict, self._ctx("execute"))
-        except Exception:
-            checked = Verdict(Action.BLOCK, ("internal policy error",), message=_INTERNAL)
+        if _names_sql(stmt.verdict.statement_class):
+            # decided again: the policy's definitions of SQL names may have changed since Parse
+            checked = self._decide(stmt.sql, self._ctx("execute"))
+            names = self._names_ok(stmt.sql, checked)
+            if names is None:
+                return None
+            if not names:
+                checked = _refused(checked, _UNKNOWN_NAME)
+        else:
+            try:
+                checked = self.policy.revalidate(stmt.sql, stmt.verdict, self._ctx("execute"))
+            except Exception:
+                checked = Verdict(Action.BLOCK, ("internal policy error",), message=_INTERNAL)
         if checked is not stmt.verdict:
             stmt.verdict = checked
         verdict = self._bulk(stmt.sql, checked)
@@ -630,11 +713,11 @@ class Relay:
                 _Pending(_DESCRIBE, describe_kind=b"P", portal=portal, internal=True)
             )
             portal.described = True
-        self._sql_names(verdict)
         self.to_server += raw
         sql = portal.statement.sql if portal.statement is not None else ""
-        pending = _Pending(_EXECUTE, verdict, sid, portal=portal, sql=sql)
+        pending = _Pending(_EXECUTE, verdict, sid, portal=portal, sql=sql, base=portal.rows)
         self._pending.append(pending)
+        self._note_defines(sql, verdict, pending)
         if _row_limit(verdict) is not None:
             # its rows may be stopped at the limit; nothing pipelined behind it may run before
             # that is known, so send no more until it completes (Flush: the server sends its
@@ -785,7 +868,7 @@ class Relay:
                         continue
                     if head.verdict is not None and head.verdict.result is not None:
                         limit = head.verdict.result.max_rows
-                        if limit is not None and head.rows > limit:
+                        if limit is not None and head.rows + head.base > limit:
                             if run_start >= 0:
                                 out += chunk[run_start:start]
                                 run_start = -1
@@ -1001,7 +1084,7 @@ class Relay:
         self, head: _Pending, cp: CopyPlan, chunk: bytes, start: int, end: int
     ) -> None:
         limit = head.verdict.result.max_rows if head.verdict and head.verdict.result else None
-        if limit is not None and head.rows > limit:
+        if limit is not None and head.rows + head.base > limit:
             self._stop(head, _row_limit_error(limit), over_limit=True)
             return
         if head.copy_header:
@@ -1027,6 +1110,7 @@ class Relay:
         room = len(frames)
         limit = head.verdict.result.max_rows if head.verdict and head.verdict.result else None
         if limit is not None:
+            limit -= head.base
             if head.rows > limit:
                 self._stop(head, _row_limit_error(limit), over_limit=True)
                 return i + 1
@@ -1128,6 +1212,21 @@ class Relay:
                 named.state = _REFUSED if p.sqlstate else _MADE
                 if named.state == _MADE:
                     named.prev = None
+        if p.defines:
+            made = not (p.sqlstate or p.stopped)
+            for key, gen in p.defines:
+                if self._sql_inflight.get(key) is p:
+                    del self._sql_inflight[key]
+                if made and self._sql_gen.get(key, 0) == gen:
+                    self._sql_trusted[key] = gen
+                else:
+                    self._sql_trusted.pop(key, None)
+            p.defines = ()
+        if p.rows and not p.finished:
+            if p.kind == _EXECUTE and p.portal is not None:
+                p.portal.rows += p.rows
+            for name in p.cursors:
+                self._cursor_rows[name] = self._cursor_rows.get(name, 0) + p.rows
         if p is self._gate:
             self._gate = None
             self._ungate = True
@@ -1163,6 +1262,43 @@ def _query_text(chunk: bytes, start: int, end: int) -> str:
 
 
 _N = TypeVar("_N", bound=_Named)
+
+_UNKNOWN_NAME = (
+    "EXECUTE/FETCH/MOVE of a name whose PREPARE/DECLARE the server did not confirm, or that "
+    "the extended protocol used since: prepare or declare it again"
+)
+
+
+def _names_sql(statement_class: str) -> bool:
+    """Whether a statement of this class defines or uses SQL-level statement/cursor names."""
+    return (
+        "prepare" in statement_class
+        or "declare" in statement_class
+        or "execute" in statement_class
+        or "fetch" in statement_class
+    )
+
+
+def _sql_name_ops(sql: str) -> list[tuple[bool, bytes, str]] | None:
+    """``(defines, kind, name)`` for each PREPARE/DECLARE (defines) and EXECUTE/FETCH/MOVE in
+    ``sql``, in order; kind ``b"S"`` for statements, ``b"P"`` for cursors. None: unparseable."""
+    from pgproxy.policy.classify import ClassifyError, StatementClass, classify
+
+    try:
+        parsed = classify(sql)
+    except ClassifyError:
+        return None
+    out: list[tuple[bool, bytes, str]] = []
+    for c in parsed:
+        if c.klass is StatementClass.PREPARE:
+            out.append((True, b"S", c.node.name or ""))
+        elif c.klass is StatementClass.DECLARE:
+            out.append((True, b"P", c.node.portalname or ""))
+        elif c.klass is StatementClass.EXECUTE:
+            out.append((False, b"S", c.node.name or ""))
+        elif c.klass is StatementClass.FETCH:
+            out.append((False, b"P", c.node.portalname or ""))
+    return out
 
 
 def _before(named: _N | None) -> _N | None:

@@ -634,3 +634,111 @@ def test_a_portal_bound_in_an_earlier_sync_segment_runs_masked(hop: CaptureHop) 
     finally:
         raw.close()
     assert_no_phi(hop.snapshot())
+
+
+def test_a_refused_sql_prepare_does_not_redefine_the_name(hop: CaptureHop) -> None:
+    raw = _raw(hop)
+    try:
+        raw.query("PREPARE twice_sql AS SELECT ssn, first_name FROM patients")
+        raw.query("PREPARE twice_sql AS SELECT 'x'::text, 'y'::text")  # already exists
+        raw.query("EXECUTE twice_sql")
+    finally:
+        raw.close()
+    assert_no_phi(hop.snapshot())
+
+
+def test_a_refused_sql_declare_does_not_redefine_the_cursor(hop: CaptureHop) -> None:
+    raw = _raw(hop)
+    try:
+        raw.query("BEGIN")
+        raw.query("DECLARE dc CURSOR FOR SELECT ssn, first_name FROM patients")
+        raw.query("SAVEPOINT a")
+        raw.query("DECLARE dc CURSOR FOR SELECT 'x'::text, 'y'::text")  # already exists
+        raw.query("ROLLBACK TO a")
+        raw.query("FETCH ALL FROM dc")
+        raw.query("ROLLBACK")
+    finally:
+        raw.close()
+    assert_no_phi(hop.snapshot())
+
+
+def test_sql_fetch_of_a_portal_bound_through_the_protocol(hop: CaptureHop) -> None:
+    raw = _raw(hop)
+    try:
+        raw.query("BEGIN")
+        raw.query("DECLARE pf CURSOR FOR SELECT 'x'::text, 'y'::text")
+        raw.query("COMMIT")
+        raw.query("BEGIN")
+        raw.send(_parse("", "SELECT ssn, first_name FROM patients") + _bind("pf", "") + SYNC)
+        _until_ready(raw)
+        raw.query("FETCH ALL FROM pf")
+        raw.query("ROLLBACK")
+    finally:
+        raw.close()
+    assert_no_phi(hop.snapshot())
+
+
+def test_sql_execute_of_a_statement_parsed_through_the_protocol(hop: CaptureHop) -> None:
+    raw = _raw(hop)
+    try:
+        raw.query("PREPARE ps AS SELECT 'x'::text, 'y'::text")
+        raw.send(message(b"C", b"Sps\x00") + SYNC)  # protocol Close of the SQL statement
+        _until_ready(raw)
+        raw.send(_parse("ps", "SELECT ssn, first_name FROM patients") + SYNC)
+        _until_ready(raw)
+        raw.query("EXECUTE ps")
+    finally:
+        raw.close()
+    assert_no_phi(hop.snapshot())
+
+
+def test_sql_prepared_statements_and_cursors_still_work(hop: CaptureHop) -> None:
+    raw = _raw(hop)
+    try:
+        msgs = raw.query("PREPARE ok1 AS SELECT id, ssn FROM patients ORDER BY id; EXECUTE ok1")
+        assert [tag for tag, _ in msgs].count(b"D") == 2
+        assert [tag for tag, _ in raw.query("EXECUTE ok1")].count(b"D") == 2
+        # separate Query messages in one write: the EXECUTE waits for the PREPARE's answer
+        raw.send(message(b"Q", b"PREPARE ok2 AS SELECT id, dob FROM patients\x00"))
+        raw.send(message(b"Q", b"EXECUTE ok2\x00"))
+        msgs = _until_ready(raw, 2)
+        assert [tag for tag, _ in msgs].count(b"D") == 2
+        raw.query("BEGIN")
+        raw.query("DECLARE ok3 CURSOR FOR SELECT id, first_name FROM patients ORDER BY id")
+        assert [tag for tag, _ in raw.query("FETCH 1 FROM ok3")].count(b"D") == 1
+        assert b"E" not in [tag for tag, _ in raw.query("MOVE BACKWARD 1 IN ok3")]
+        assert [tag for tag, _ in raw.query("FETCH ALL FROM ok3")].count(b"D") == 2
+        raw.query("COMMIT")
+    finally:
+        raw.close()
+    assert_no_phi(hop.snapshot())
+
+
+def test_a_named_psycopg_cursor_with_prepared_fetches(hop: CaptureHop) -> None:
+    with (
+        psycopg.connect(dsn_for(hop), prepare_threshold=0) as conn,
+        conn.cursor(name="many") as cur,
+    ):
+        cur.itersize = 1
+        cur.execute("SELECT id, ssn FROM patients CROSS JOIN generate_series(1, 4)")
+        rows = list(cur)
+    assert len(rows) == 8
+    assert_no_phi(hop.snapshot())
+
+
+def test_a_query_sent_during_copy_in_does_not_shift_the_answers(hop: CaptureHop) -> None:
+    raw = _raw(hop)
+    try:
+        raw.send(message(b"Q", b"COPY visits_summary FROM STDIN\x00"))
+        tag, _ = raw.read_message()
+        assert tag == b"G"  # CopyInResponse: the server reads COPY data now
+        # the server swallows the first Query as a COPY protocol error (and Postgres ends the
+        # session); the second one's rows must never be matched to the first one's verdict
+        raw.send(
+            message(b"Q", b"SELECT 'x'::text, 'y'::text\x00")
+            + message(b"Q", b"SELECT ssn, first_name FROM patients\x00")
+        )
+        assert raw.closed_by_peer()
+    finally:
+        raw.close()
+    assert_no_phi(hop.snapshot())
