@@ -1172,6 +1172,11 @@ class Relay:
         self, msg: m.ErrorResponse | m.NoticeResponse, raw: bytes, verdict: Verdict | None
     ) -> bytes:
         fields = dict(msg.fields)
+        if verdict is not None and "transaction" in verdict.statement_class:
+            # COMMIT and SET CONSTRAINTS run the checks deferred from earlier statements: their
+            # errors name other statements' values (a duplicated key), so they are scrubbed as
+            # a statement the policy did not see
+            verdict = None
         try:
             new = self.policy.scrub_error(fields, verdict)
         except Exception:
@@ -1270,12 +1275,15 @@ _UNKNOWN_NAME = (
 
 
 def _names_sql(statement_class: str) -> bool:
-    """Whether a statement of this class defines or uses SQL-level statement/cursor names."""
+    """Whether a statement of this class may define or use SQL-level statement/cursor names
+    (EXPLAIN and CREATE TABLE AS may wrap an EXECUTE)."""
     return (
         "prepare" in statement_class
         or "declare" in statement_class
         or "execute" in statement_class
         or "fetch" in statement_class
+        or "explain" in statement_class
+        or "ddl" in statement_class
     )
 
 
@@ -1289,7 +1297,13 @@ def _sql_name_ops(sql: str) -> list[tuple[bool, bytes, str]] | None:
     except ClassifyError:
         return None
     out: list[tuple[bool, bytes, str]] = []
-    for c in parsed:
+    for top in parsed:
+        c = top
+        while c.inner is not None and c.klass not in (
+            StatementClass.PREPARE,
+            StatementClass.DECLARE,
+        ):
+            c = c.inner  # EXPLAIN EXECUTE, CREATE TABLE … AS EXECUTE
         if c.klass is StatementClass.PREPARE:
             out.append((True, b"S", c.node.name or ""))
         elif c.klass is StatementClass.DECLARE:
