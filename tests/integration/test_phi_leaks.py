@@ -787,3 +787,28 @@ def test_an_error_at_commit_is_scrubbed(hop: CaptureHop) -> None:
     finally:
         raw.close()
     assert_no_phi(hop.snapshot())
+
+
+def test_mixed_result_formats_are_masked_per_column(hop: CaptureHop) -> None:
+    raw = _raw(hop)
+    try:
+        sql = b"SELECT dob, ssn, dob FROM patients ORDER BY id"
+        formats = struct.pack("!hhhh", 3, 1, 0, 1)  # binary, text, binary
+        raw.send(
+            message(b"P", b"\x00" + sql + b"\x00\x00\x00")
+            + message(b"B", b"\x00\x00" + struct.pack("!hh", 0, 0) + formats)
+            + _execute("", 1) + _execute("") + SYNC
+        )  # fmt: skip
+        tags = [tag for tag, _ in _until_ready(raw)]
+        assert tags.count(b"D") == 2 and b"s" in tags  # suspended after one row, then the rest
+        # one format code for all columns: binary everywhere
+        raw.send(
+            message(b"P", b"\x00" + sql + b"\x00\x00\x00")
+            + message(b"B", b"\x00\x00" + struct.pack("!hhhh", 0, 0, 1, 1))
+            + _execute("") + SYNC
+        )  # fmt: skip
+        msgs = _until_ready(raw)
+        assert [tag for tag, _ in msgs].count(b"D") == 2
+    finally:
+        raw.close()
+    assert_no_phi(hop.snapshot())

@@ -1342,3 +1342,83 @@ def test_a_row_limited_query_mixed_with_transaction_control_is_refused() -> None
             *simple_select_works(2),
         ],
     )
+
+
+# ------------------------------------------------------------------ names the server refused
+
+OTHER = "SELECT 'x', 'y'"
+
+
+def test_a_refused_second_parse_leaves_the_first_statement_bound() -> None:
+    """Postgres refuses a Parse of a name that exists: the name keeps the first statement,
+    and so does its masking."""
+    relay = relay_with(FakePolicy({SELECT: mask(MaskColumn())}))
+    play(
+        relay,
+        [
+            client(m.Parse("s1", SELECT), m.Sync()),
+            server(PC, IDLE),
+            client(m.Parse("s1", OTHER), m.Sync()),
+            server(pg_error("42P05", 'prepared statement "s1" already exists'), IDLE),
+            client(m.Bind("", "s1"), m.Describe(b"P", ""), m.Execute(""), m.Sync()),
+            server(
+                BC,
+                RD,
+                row(1),
+                done("SELECT 1"),
+                IDLE,
+                downstream=[BC, RD, m.DataRow((b"1", b"masked-fmt0")), done("SELECT 1"), IDLE],
+            ),
+        ],
+    )
+
+
+def test_a_bind_after_a_sync_waits_for_the_parse_answer() -> None:
+    """Which statement a Bind in a later Sync segment binds is known only from the Parse's
+    answer: the Bind (and what follows) waits for it."""
+    relay = relay_with(FakePolicy({SELECT: mask(MaskColumn())}))
+    play(
+        relay,
+        [
+            client(m.Parse("s1", SELECT), m.Sync()),
+            server(PC, IDLE),
+            client(
+                m.Parse("s1", OTHER),
+                m.Sync(),
+                m.Bind("", "s1"),
+                m.Describe(b"P", ""),
+                m.Execute(""),
+                m.Sync(),
+                upstream=[m.Parse("s1", OTHER), m.Sync(), m.Flush()],
+            ),
+            server(
+                pg_error("42P05", 'prepared statement "s1" already exists'),
+                IDLE,
+                upstream=[m.Bind("", "s1"), m.Describe(b"P", ""), m.Execute(""), m.Sync()],
+            ),
+            server(
+                BC,
+                RD,
+                row(1),
+                done("SELECT 1"),
+                IDLE,
+                downstream=[BC, RD, m.DataRow((b"1", b"masked-fmt0")), done("SELECT 1"), IDLE],
+            ),
+        ],
+    )
+
+
+def test_execute_of_a_portal_the_relay_never_bound_is_withheld() -> None:
+    """An SQL cursor shares the portal namespace: executing it through the protocol would skip
+    the policy, so a substitute that fails at once goes instead."""
+    play(
+        relay_with(),
+        [
+            client(
+                m.Execute("sqlcursor"),
+                m.Sync(),
+                upstream=[m.Parse("", BLOCKED_SQL), m.Sync()],
+            ),
+            server(SYNTAX_ERROR, IN_TXN, downstream=[Err("42501"), IN_TXN]),
+        ],
+    )
