@@ -578,16 +578,17 @@ class Relay:
 
     def _on_parse(self, chunk: bytes, start: int, end: int) -> None:
         msg = m.Parse.decode(memoryview(chunk)[start + 5 : end])
-        if msg.name:
-            self._touch_name(b"S", msg.name)  # no longer what an SQL PREPARE made it, if it was
+        key = _server_name(msg.name)
+        if key:
+            self._touch_name(b"S", key)  # no longer what an SQL PREPARE made it, if it was
         verdict = self._decide(msg.sql, self._ctx("parse", msg.name, msg.param_types))
-        stmt = _Statement(msg.sql, verdict, prev=_before(self._statements.get(msg.name)))
+        stmt = _Statement(msg.sql, verdict, prev=_before(self._statements.get(key)))
         stmt.segment = self._syncs
-        self._statements[msg.name] = stmt
+        self._statements[key] = stmt
         if verdict.action is Action.BLOCK:
             # refused for certain: a named statement that existed is still there
             stmt.state = _REFUSED
-            if not msg.name:
+            if not key:
                 stmt.prev = None  # a Parse drops the unnamed statement before it parses
             sid = self._admit(msg.sql, verdict, "parse")
             self.to_server += m.Parse(msg.name, BLOCKED_SQL, msg.param_types).encode()
@@ -610,7 +611,8 @@ class Relay:
         if first < 0 or second < 0:
             raise PeerProtocolError("Bind names are not NUL-terminated")
         try:
-            portal, statement = body[:first].decode(), body[first + 1 : second].decode()
+            portal = _server_name(body[:first].decode())
+            statement = _server_name(body[first + 1 : second].decode())
         except UnicodeDecodeError:
             raise PeerProtocolError("Bind names are not valid UTF-8") from None
         stmt = self._statements.get(statement)
@@ -627,23 +629,25 @@ class Relay:
 
     def _on_close(self, chunk: bytes, start: int, end: int) -> None:
         msg = m.Close.decode(memoryview(chunk)[start + 5 : end])
+        key = _server_name(msg.name)
         # forgotten at once: if the server skips this Close, the name is unknown to us while
         # it still exists upstream, and using it is refused (fail closed)
         if msg.kind == b"S":
-            self._statements.pop(msg.name, None)
+            self._statements.pop(key, None)
         else:
-            self._portals.pop(msg.name, None)
-        if msg.name:
-            self._touch_name(b"S" if msg.kind == b"S" else b"P", msg.name)
+            self._portals.pop(key, None)
+        if key:
+            self._touch_name(b"S" if msg.kind == b"S" else b"P", key)
         self._pending.append(_Pending(_CLOSE))
 
     def _on_describe(self, chunk: bytes, start: int, end: int) -> None:
         msg = m.Describe.decode(memoryview(chunk)[start + 5 : end])
         p = _Pending(_DESCRIBE, describe_kind=msg.kind)
+        key = _server_name(msg.name)
         if msg.kind == b"S":
-            p.statement = _made(self._statements.get(msg.name))
+            p.statement = _made(self._statements.get(key))
         else:
-            p.portal = _made(self._portals.get(msg.name))
+            p.portal = _made(self._portals.get(key))
             if p.portal is not None:
                 p.portal.described = True
         self._pending.append(p)
@@ -654,7 +658,7 @@ class Relay:
         if end - start == 10 and chunk[start + 5] == 0:
             name = ""  # the unnamed portal, as most drivers send it
         else:
-            name = m.Execute.decode(memoryview(chunk)[start + 5 : end]).portal
+            name = _server_name(m.Execute.decode(memoryview(chunk)[start + 5 : end]).portal)
         portal = self._portals.get(name)
         if portal is not None and portal.state == _SENT and portal.segment != self._syncs:
             return None
@@ -1267,6 +1271,16 @@ def _query_text(chunk: bytes, start: int, end: int) -> str:
 
 
 _N = TypeVar("_N", bound=_Named)
+
+
+def _server_name(name: str) -> str:
+    """The name as the server keys it: statements and portals by their first 63 bytes
+    (NAMEDATALEN - 1), so longer names that share them are one name. Lossless on those bytes."""
+    if len(name) <= 15:  # at most 4 bytes a character: no longer than 63 bytes
+        return name
+    raw = name.encode()
+    return raw[:63].decode("utf-8", "surrogateescape") if len(raw) > 63 else name
+
 
 _UNKNOWN_NAME = (
     "EXECUTE/FETCH/MOVE of a name whose PREPARE/DECLARE the server did not confirm, or that "

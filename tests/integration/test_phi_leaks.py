@@ -812,3 +812,21 @@ def test_mixed_result_formats_are_masked_per_column(hop: CaptureHop) -> None:
     finally:
         raw.close()
     assert_no_phi(hop.snapshot())
+
+
+def test_names_longer_than_the_server_keeps_are_one_name(hop: CaptureHop) -> None:
+    """Postgres keys statements and portals by their first 63 bytes."""
+    long1, long2 = "n" * 63 + "1", "n" * 63 + "2"
+    raw = _raw(hop)
+    try:
+        raw.send(_parse(long1, "SELECT 'x'::text, 'y'::text") + SYNC)
+        _until_ready(raw)
+        raw.send(message(b"C", b"S" + long2.encode() + b"\x00") + SYNC)  # closes long1
+        _until_ready(raw)
+        raw.send(_parse(long2, "SELECT ssn, first_name FROM patients") + SYNC)
+        _until_ready(raw)
+        raw.send(_bind("", long1) + _execute("") + SYNC)
+        _until_ready(raw)
+    finally:
+        raw.close()
+    assert_no_phi(hop.snapshot())
