@@ -7,14 +7,20 @@ requested). The server drains all three after each call.
 
 How a statement is stopped without desynchronising anyone: the client's message is replaced by
 a *substitute* that Postgres rejects at once (a Query or Parse of text that is a syntax error,
-an Execute of a portal that does not exist), and the server's ErrorResponse for it is replaced by
-the policy's error. So the upstream enters exactly the error state the client is told about —
+also in place of an Execute), and the server's ErrorResponse for it is replaced by the policy's
+error. So the upstream enters exactly the error state the client is told about —
 aborted transaction, skip-until-Sync in the extended protocol — and both sides stay in step.
 
 Responses are matched to requests through a queue of ``_Pending`` entries, one per request that
 gets an answer (protocol section 55.2.3: responses come in request order, and after an error
 the server discards extended-protocol messages up to Sync). Runs of messages nobody rewrites are
 forwarded as their original bytes, one write per read batch.
+
+Names are the server's: a prepared statement or portal is what the server's answer to its
+Parse/Bind says it is (a refused one leaves the previous), keyed by the first 63 bytes as the
+server keys it; SQL PREPARE/DECLARE share these names, so EXECUTE/FETCH/MOVE of a name runs only
+when the server confirmed the definition the policy last decided for it, and an Execute of a
+portal not bound through the policy never runs.
 """
 
 from __future__ import annotations
