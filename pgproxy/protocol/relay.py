@@ -228,6 +228,8 @@ class _Pending:
     client_errors: bool = False
     #: internal, and its ReadyForQuery is not the client's (the BEGIN before a wrapped Query)
     quiet_ready: bool = False
+    #: the statement or portal its Parse/Bind makes, if the server does not refuse it
+    made: _Named | None = None
     #: SQL PREPARE/DECLARE names it defines, with the generation decided (see ``_sql_gen``)
     defines: tuple[tuple[tuple[bytes, str], int], ...] = ()
     #: rows the same portal or SQL cursors returned before: a row limit counts across them
@@ -588,14 +590,13 @@ class Relay:
         if key:
             self._touch_name(b"S", key)  # no longer what an SQL PREPARE made it, if it was
         verdict = self._decide(msg.sql, self._ctx("parse", msg.name, msg.param_types))
-        stmt = _Statement(msg.sql, verdict, prev=_before(self._statements.get(key)))
-        stmt.segment = self._syncs
+        # a Parse drops the unnamed statement before it parses: refused, it leaves none
+        prev = _before(self._statements.get(key)) if key else None
+        stmt = _Statement(msg.sql, verdict, prev=prev, segment=self._syncs)
         self._statements[key] = stmt
         if verdict.action is Action.BLOCK:
             # refused for certain: a named statement that existed is still there
             stmt.state = _REFUSED
-            if not key:
-                stmt.prev = None  # a Parse drops the unnamed statement before it parses
             sid = self._admit(msg.sql, verdict, "parse")
             self.to_server += m.Parse(msg.name, BLOCKED_SQL, msg.param_types).encode()
             self._pending.append(
@@ -606,7 +607,7 @@ class Relay:
         # admitted and held statements are both prepared upstream: preparing runs nothing.
         # A held one is stopped at Execute, where its parameters are known.
         self.to_server += chunk[start:end]
-        self._pending.append(_Pending(_PARSE, verdict, statement=stmt))
+        self._pending.append(_Pending(_PARSE, verdict, statement=stmt, made=stmt))
 
     def _on_bind(self, chunk: bytes, start: int, end: int) -> bool:
         """Record a Bind; False: its statement's Parse is unanswered in an earlier Sync
@@ -617,20 +618,32 @@ class Relay:
         if first < 0 or second < 0:
             raise PeerProtocolError("Bind names are not NUL-terminated")
         try:
-            portal = _server_name(body[:first].decode())
-            statement = _server_name(body[first + 1 : second].decode())
+            portal, statement = body[:first].decode(), body[first + 1 : second].decode()
         except UnicodeDecodeError:
             raise PeerProtocolError("Bind names are not valid UTF-8") from None
+        if len(portal) > 15:
+            portal = _server_name(portal)
+        if len(statement) > 15:
+            statement = _server_name(statement)
         stmt = self._statements.get(statement)
-        if stmt is not None and stmt.state == _SENT and stmt.segment != self._syncs:
-            return False
+        if stmt is not None and stmt.state != _MADE:
+            if stmt.state == _SENT:
+                if stmt.segment != self._syncs:
+                    return False
+            elif stmt.verdict.action is not Action.BLOCK:
+                stmt = _made(stmt)  # a blocked one stays: its Execute is refused in its name
+        prev = self._portals.get(portal)
         if portal:
             self._touch_name(b"P", portal)
-        if stmt is not None and stmt.verdict.action is not Action.BLOCK:
-            stmt = _made(stmt)  # a blocked one stays: its Execute is refused in its name
-        bound = _Portal(stmt, body, prev=_before(self._portals.get(portal)), segment=self._syncs)
+            if prev is not None and prev.state == _REFUSED:
+                prev = _made(prev)
+        else:
+            # a refused unnamed Bind may leave the old unnamed portal: we forget it (whoever
+            # executes it then is refused), which keeps no chain of unnamed portals either
+            prev = None
+        bound = _Portal(stmt, body, prev=prev, segment=self._syncs)
         self._portals[portal] = bound
-        self._pending.append(_Pending(_BIND, portal=bound))
+        self._pending.append(_Pending(_BIND, made=bound))
         return True
 
     def _on_close(self, chunk: bytes, start: int, end: int) -> None:
@@ -666,9 +679,12 @@ class Relay:
         else:
             name = _server_name(m.Execute.decode(memoryview(chunk)[start + 5 : end]).portal)
         portal = self._portals.get(name)
-        if portal is not None and portal.state == _SENT and portal.segment != self._syncs:
-            return None
-        portal = _made(portal)
+        if portal is not None and portal.state != _MADE:
+            if portal.state == _SENT:
+                if portal.segment != self._syncs:
+                    return None
+            else:
+                portal = _made(portal)
         stmt = portal.statement if portal is not None else None
         if portal is None or stmt is None or stmt.verdict.action is Action.BLOCK:
             # not prepared and bound through the policy (an SQL PREPARE or DECLARE shares these
@@ -1220,13 +1236,14 @@ class Relay:
         )
 
     def _finish(self, p: _Pending) -> None:
-        if p.kind == _PARSE or p.kind == _BIND:
-            named = p.statement if p.kind == _PARSE else p.portal
-            if named is not None and named.state == _SENT:
-                # answered by ParseComplete/BindComplete, or skipped or failed with an error
-                named.state = _REFUSED if p.sqlstate else _MADE
-                if named.state == _MADE:
-                    named.prev = None
+        named = p.made
+        if named is not None and named.state == _SENT:
+            # answered by ParseComplete/BindComplete, or skipped or failed with an error
+            if p.sqlstate:
+                named.state = _REFUSED
+            else:
+                named.state = _MADE
+                named.prev = None
         if p.defines:
             made = not (p.sqlstate or p.stopped)
             for key, gen in p.defines:
@@ -1294,17 +1311,21 @@ _UNKNOWN_NAME = (
 )
 
 
+_NAMES_SQL: dict[str, bool] = {}
+
+
 def _names_sql(statement_class: str) -> bool:
     """Whether a statement of this class may define or use SQL-level statement/cursor names
     (EXPLAIN and CREATE TABLE AS may wrap an EXECUTE)."""
-    return (
-        "prepare" in statement_class
-        or "declare" in statement_class
-        or "execute" in statement_class
-        or "fetch" in statement_class
-        or "explain" in statement_class
-        or "ddl" in statement_class
-    )
+    hit = _NAMES_SQL.get(statement_class)
+    if hit is None:
+        hit = any(
+            k in statement_class
+            for k in ("prepare", "declare", "execute", "fetch", "explain", "ddl")
+        )
+        if len(_NAMES_SQL) < 4096:
+            _NAMES_SQL[statement_class] = hit
+    return hit
 
 
 def _sql_name_ops(sql: str) -> list[tuple[bool, bytes, str]] | None:
