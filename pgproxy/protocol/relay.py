@@ -7,14 +7,20 @@ requested). The server drains all three after each call.
 
 How a statement is stopped without desynchronising anyone: the client's message is replaced by
 a *substitute* that Postgres rejects at once (a Query or Parse of text that is a syntax error,
-an Execute of a portal that does not exist), and the server's ErrorResponse for it is replaced by
-the policy's error. So the upstream enters exactly the error state the client is told about —
+also in place of an Execute), and the server's ErrorResponse for it is replaced by the policy's
+error. So the upstream enters exactly the error state the client is told about —
 aborted transaction, skip-until-Sync in the extended protocol — and both sides stay in step.
 
 Responses are matched to requests through a queue of ``_Pending`` entries, one per request that
 gets an answer (protocol section 55.2.3: responses come in request order, and after an error
 the server discards extended-protocol messages up to Sync). Runs of messages nobody rewrites are
 forwarded as their original bytes, one write per read batch.
+
+Names are the server's: a prepared statement or portal is what the server's answer to its
+Parse/Bind says it is (a refused one leaves the previous), keyed by the first 63 bytes as the
+server keys it; SQL PREPARE/DECLARE share these names, so EXECUTE/FETCH/MOVE of a name runs only
+when the server confirmed the definition the policy last decided for it, and an Execute of a
+portal not bound through the policy never runs.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import itertools
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from typing import TypeVar
 
 from pgproxy.policy.seam import (
     PASS_ROWS,
@@ -146,18 +153,36 @@ class _Described:
         return self.fields
 
 
+# what the server made of a Parse or Bind
+_SENT, _MADE, _REFUSED = range(3)
+
+
 @dataclass(slots=True)
-class _Statement(_Described):
+class _Named(_Described):
+    """A prepared statement or portal as the server has it. Its Parse/Bind may be refused
+    (the name exists already, an aborted transaction, an error earlier in the pipeline): then
+    the server still has ``prev`` under that name, so a refused entry stands for ``prev``."""
+
+    prev: _Named | None = field(default=None, kw_only=True)
+    state: int = field(default=_SENT, kw_only=True)
+    #: Syncs sent before its Parse/Bind: in the same Sync segment, a refusal skips what follows
+    segment: int = field(default=0, kw_only=True)
+
+
+@dataclass(slots=True)
+class _Statement(_Named):
     sql: str
     verdict: Verdict
 
 
 @dataclass(slots=True)
-class _Portal(_Described):
+class _Portal(_Named):
     statement: _Statement | None
     #: the Bind body, decoded on first use (parameters matter only to holds)
     bind_raw: bytes
     described: bool = False
+    #: rows earlier Executes of this portal returned (a row limit counts across them)
+    rows: int = 0
     _bind: m.Bind | None = None
 
     @property
@@ -203,6 +228,14 @@ class _Pending:
     client_errors: bool = False
     #: internal, and its ReadyForQuery is not the client's (the BEGIN before a wrapped Query)
     quiet_ready: bool = False
+    #: the statement or portal its Parse/Bind makes, if the server does not refuse it
+    made: _Named | None = None
+    #: SQL PREPARE/DECLARE names it defines, with the generation decided (see ``_sql_gen``)
+    defines: tuple[tuple[tuple[bytes, str], int], ...] = ()
+    #: rows the same portal or SQL cursors returned before: a row limit counts across them
+    base: int = 0
+    #: SQL cursors it fetches from (their rows are counted in ``_cursor_rows``)
+    cursors: tuple[str, ...] = ()
 
 
 @dataclass(slots=True)
@@ -254,6 +287,18 @@ class Relay:
         self._pending: deque[_Pending] = deque()
         self._statements: dict[str, _Statement] = {}
         self._portals: dict[str, _Portal] = {}
+        #: Syncs sent upstream (see ``_Named.segment``)
+        self._syncs = 0
+        # SQL PREPARE/DECLARE names, keyed (b"S" or b"P", name). The policy remembers what such
+        # a statement defines when it decides it, whether or not the server then runs it; so
+        # EXECUTE/FETCH/MOVE of a name passes only when the last definition the policy decided
+        # is the one the server made. A generation counts decisions (and protocol messages)
+        # touching a name; ``_sql_trusted`` holds the generation the server confirmed.
+        self._sql_gen: dict[tuple[bytes, str], int] = {}
+        self._sql_trusted: dict[tuple[bytes, str], int] = {}
+        self._sql_inflight: dict[tuple[bytes, str], _Pending] = {}
+        #: rows each SQL cursor returned so far (FETCH after FETCH counts toward a row limit)
+        self._cursor_rows: dict[str, int] = {}
         self._ids = itertools.count(1)
         self._held: _Held | None = None
         #: client bytes that arrived while a statement was held
@@ -310,11 +355,15 @@ class Relay:
             if tag in (F_BIND, F_DESCRIBE, F_CLOSE, F_FLUSH, F_COPY_DATA, F_COPY_DONE, F_COPY_FAIL):
                 # forwarded as is; Bind/Describe/Close need bookkeeping
                 if tag == F_BIND:
-                    self._on_bind(chunk, start, end)
+                    if not self._on_bind(chunk, start, end):
+                        if run_start >= 0:
+                            out += chunk[run_start:start]
+                        self._wait_for_answers(chunk, frames, i)
+                        return
                 elif tag == F_DESCRIBE:
                     self._on_describe(chunk, start, end)
                 elif tag == F_CLOSE:
-                    self._pending.append(_Pending(_CLOSE))
+                    self._on_close(chunk, start, end)
                 if run_start < 0:
                     run_start = start
                 continue
@@ -329,9 +378,10 @@ class Relay:
                     # the server skips to this Sync and aborts the transaction as the client
                     # now believes it did
                     self._poison_before_sync = False
-                    out += m.Parse("", BLOCKED_SQL).encode()
+                    self._withhold()
                     self._pending.append(_Pending(_PARSE, internal=True))
                 self._pending.append(_Pending(_SYNC))
+                self._syncs += 1
                 out += chunk[start:end]
             elif tag == F_QUERY:
                 sent = self._on_query(chunk, start, end)
@@ -344,7 +394,11 @@ class Relay:
             elif tag == F_PARSE:
                 self._on_parse(chunk, start, end)
             elif tag == F_EXECUTE:
-                if not self._on_execute(chunk, start, end):
+                sent = self._on_execute(chunk, start, end)
+                if sent is None:
+                    self._wait_for_answers(chunk, frames, i)
+                    return
+                if not sent:
                     self._defer(chunk, frames, i + 1)
                     return
             elif tag == F_FUNCTION:
@@ -365,6 +419,18 @@ class Relay:
             self._deferred[:0] = chunk[frames[nxt][1] :]
         self._deferred += self._client.take_rest()
 
+    def _withhold(self) -> None:
+        """Send the substitute that fails at once; it drops the unnamed statement upstream."""
+        self.to_server += _WITHHELD
+        self._statements.pop("", None)
+
+    def _wait_for_answers(self, chunk: bytes, frames: list[tuple[int, int, int]], i: int) -> None:
+        """``frames[i]`` names something whose Parse/Bind is still unanswered in an earlier Sync
+        segment: see it again once everything in flight is answered."""
+        self._gate = self._pending[-1]
+        self.to_server += _FLUSH
+        self._defer(chunk, frames, i)
+
     def _ctx(self, origin: str, name: str = "", types: tuple[int, ...] = ()) -> StatementContext:
         return StatementContext(self.agent, self.database, origin, name, types)
 
@@ -375,6 +441,10 @@ class Relay:
             verdict = self.policy.statement(sql, ctx)
             if clock is not None:
                 self._decided_in = clock() - t0
+            if _names_sql(verdict.statement_class):
+                for defines, kind, name in _sql_name_ops(sql) or ():
+                    if defines:  # the policy now holds this definition for the name
+                        self._touch_name(kind, name)
             return verdict
         except Exception:  # fail closed: a policy crash is a block
             return Verdict(
@@ -382,6 +452,56 @@ class Relay:
                 ("internal policy error",),
                 message="statement blocked: internal policy error",
             )
+
+    def _touch_name(self, kind: bytes, name: str) -> None:
+        key = (kind, name)
+        self._sql_gen[key] = self._sql_gen.get(key, 0) + 1
+        self._sql_trusted.pop(key, None)
+
+    def _names_ok(self, sql: str, verdict: Verdict) -> bool | None:
+        """Whether each EXECUTE/FETCH/MOVE in ``sql`` names what the policy decided for it;
+        None: a definition of the name is still in flight, ask again once it is answered."""
+        if verdict.action is Action.BLOCK or not _names_sql(verdict.statement_class):
+            return True
+        ops = _sql_name_ops(sql)
+        if ops is None:
+            return False
+        here: set[tuple[bytes, str]] = set()
+        for defines, kind, name in ops:
+            key = (kind, name)
+            if defines:
+                here.add(key)
+            elif key not in here:
+                if key in self._sql_inflight:
+                    return None
+                if self._sql_trusted.get(key, -1) != self._sql_gen.get(key, 0):
+                    return False
+        return True
+
+    def _note_defines(self, sql: str, verdict: Verdict, pending: _Pending) -> None:
+        """An SQL PREPARE/DECLARE is sent: trusted once it succeeds (``_finish``). The name is
+        the server's now, so whatever the extended protocol had under it is forgotten. A FETCH
+        starts its row count where the cursor's earlier FETCHes left it."""
+        if not _names_sql(verdict.statement_class):
+            return
+        defs = []
+        cursors: list[str] = []
+        for defines, kind, name in _sql_name_ops(sql) or ():
+            if not defines and kind == b"P" and name not in cursors:
+                cursors.append(name)
+                pending.base += self._cursor_rows.get(name, 0)
+            if defines:
+                if kind == b"P":
+                    self._cursor_rows.pop(name, None)
+                key = (kind, name)
+                defs.append((key, self._sql_gen.get(key, 0)))
+                self._sql_inflight[key] = pending
+                if kind == b"S":
+                    self._statements.pop(name, None)
+                else:
+                    self._portals.pop(name, None)
+        pending.defines = tuple(defs)
+        pending.cursors = tuple(cursors)
 
     def _admit(self, sql: str, verdict: Verdict, origin: str) -> int:
         sid = next(self._ids)
@@ -406,6 +526,13 @@ class Relay:
         """Send (True) or hold (False) a Query; None: wait until nothing is in flight."""
         sql = _query_text(chunk, start, end)
         verdict = self._bulk(sql, self._decide(sql, self._ctx("query")))
+        names = self._names_ok(sql, verdict)
+        if names is None:
+            self._gate = self._pending[-1]
+            self.to_server += _FLUSH
+            return None
+        if not names:
+            verdict = _refused(verdict, _UNKNOWN_NAME)
         if self._pending and _row_limit(verdict) is not None:
             # a row-limited Query needs the transaction state it will run in (_send_query);
             # Flush: what is in flight may be extended-protocol messages without a Sync yet
@@ -433,6 +560,9 @@ class Relay:
         if verdict.admits and _row_limit(verdict) is None:
             self.to_server += raw
             self._pending.append(_Pending(_QUERY, verdict, sid))
+            if _names_sql(verdict.statement_class):
+                sql = m.Query.decode(memoryview(raw)[5:]).sql
+                self._note_defines(sql, verdict, self._pending[-1])
         elif verdict.admits:
             # A row-limited Query may be cut short while the server goes on with it. Postgres
             # would have aborted it, and the client believes it did: so it runs alone (later
@@ -447,6 +577,7 @@ class Relay:
             self.to_server += raw
             self._pending.append(pending)
             self._gate = pending
+            self._note_defines(pending.sql, verdict, pending)
         else:
             self.to_server += m.Query(BLOCKED_SQL).encode()
             self._pending.append(
@@ -455,10 +586,17 @@ class Relay:
 
     def _on_parse(self, chunk: bytes, start: int, end: int) -> None:
         msg = m.Parse.decode(memoryview(chunk)[start + 5 : end])
+        key = _server_name(msg.name)
+        if key:
+            self._touch_name(b"S", key)  # no longer what an SQL PREPARE made it, if it was
         verdict = self._decide(msg.sql, self._ctx("parse", msg.name, msg.param_types))
-        stmt = _Statement(msg.sql, verdict)
-        self._statements[msg.name] = stmt
+        # a Parse drops the unnamed statement before it parses: refused, it leaves none
+        prev = _before(self._statements.get(key)) if key else None
+        stmt = _Statement(msg.sql, verdict, prev=prev, segment=self._syncs)
+        self._statements[key] = stmt
         if verdict.action is Action.BLOCK:
+            # refused for certain: a named statement that existed is still there
+            stmt.state = _REFUSED
             sid = self._admit(msg.sql, verdict, "parse")
             self.to_server += m.Parse(msg.name, BLOCKED_SQL, msg.param_types).encode()
             self._pending.append(
@@ -469,9 +607,11 @@ class Relay:
         # admitted and held statements are both prepared upstream: preparing runs nothing.
         # A held one is stopped at Execute, where its parameters are known.
         self.to_server += chunk[start:end]
-        self._pending.append(_Pending(_PARSE, verdict, statement=stmt))
+        self._pending.append(_Pending(_PARSE, verdict, statement=stmt, made=stmt))
 
-    def _on_bind(self, chunk: bytes, start: int, end: int) -> None:
+    def _on_bind(self, chunk: bytes, start: int, end: int) -> bool:
+        """Record a Bind; False: its statement's Parse is unanswered in an earlier Sync
+        segment, so which statement the server binds is not known yet."""
         body = chunk[start + 5 : end]
         first = body.find(b"\x00")
         second = body.find(b"\x00", first + 1)
@@ -481,41 +621,96 @@ class Relay:
             portal, statement = body[:first].decode(), body[first + 1 : second].decode()
         except UnicodeDecodeError:
             raise PeerProtocolError("Bind names are not valid UTF-8") from None
-        self._portals[portal] = _Portal(self._statements.get(statement), body)
-        self._pending.append(_Pending(_BIND))
+        if len(portal) > 15:
+            portal = _server_name(portal)
+        if len(statement) > 15:
+            statement = _server_name(statement)
+        stmt = self._statements.get(statement)
+        if stmt is not None and stmt.state != _MADE:
+            if stmt.state == _SENT:
+                if stmt.segment != self._syncs:
+                    return False
+            elif stmt.verdict.action is not Action.BLOCK:
+                stmt = _made(stmt)  # a blocked one stays: its Execute is refused in its name
+        prev = self._portals.get(portal)
+        if portal:
+            self._touch_name(b"P", portal)
+            if prev is not None and prev.state == _REFUSED:
+                prev = _made(prev)
+        else:
+            # a refused unnamed Bind may leave the old unnamed portal: we forget it (whoever
+            # executes it then is refused), which keeps no chain of unnamed portals either
+            prev = None
+        bound = _Portal(stmt, body, prev=prev, segment=self._syncs)
+        self._portals[portal] = bound
+        self._pending.append(_Pending(_BIND, made=bound))
+        return True
+
+    def _on_close(self, chunk: bytes, start: int, end: int) -> None:
+        msg = m.Close.decode(memoryview(chunk)[start + 5 : end])
+        key = _server_name(msg.name)
+        # forgotten at once: if the server skips this Close, the name is unknown to us while
+        # it still exists upstream, and using it is refused (fail closed)
+        if msg.kind == b"S":
+            self._statements.pop(key, None)
+        else:
+            self._portals.pop(key, None)
+        if key:
+            self._touch_name(b"S" if msg.kind == b"S" else b"P", key)
+        self._pending.append(_Pending(_CLOSE))
 
     def _on_describe(self, chunk: bytes, start: int, end: int) -> None:
         msg = m.Describe.decode(memoryview(chunk)[start + 5 : end])
         p = _Pending(_DESCRIBE, describe_kind=msg.kind)
+        key = _server_name(msg.name)
         if msg.kind == b"S":
-            p.statement = self._statements.get(msg.name)
+            p.statement = _made(self._statements.get(key))
         else:
-            p.portal = self._portals.get(msg.name)
+            p.portal = _made(self._portals.get(key))
             if p.portal is not None:
                 p.portal.described = True
         self._pending.append(p)
 
-    def _on_execute(self, chunk: bytes, start: int, end: int) -> bool:
+    def _on_execute(self, chunk: bytes, start: int, end: int) -> bool | None:
+        """Send (True) or hold (False) an Execute; None: its portal's Bind is unanswered in an
+        earlier Sync segment, so see it again once what is in flight is answered."""
         if end - start == 10 and chunk[start + 5] == 0:
             name = ""  # the unnamed portal, as most drivers send it
         else:
-            name = m.Execute.decode(memoryview(chunk)[start + 5 : end]).portal
+            name = _server_name(m.Execute.decode(memoryview(chunk)[start + 5 : end]).portal)
         portal = self._portals.get(name)
+        if portal is not None and portal.state != _MADE:
+            if portal.state == _SENT:
+                if portal.segment != self._syncs:
+                    return None
+            else:
+                portal = _made(portal)
         stmt = portal.statement if portal is not None else None
-        if portal is None or stmt is None:
-            # unknown to us, so unknown upstream too: Postgres answers with its own error
-            self.to_server += chunk[start:end]
-            self._pending.append(_Pending(_EXECUTE))
+        if portal is None or stmt is None or stmt.verdict.action is Action.BLOCK:
+            # not prepared and bound through the policy (an SQL PREPARE or DECLARE shares these
+            # names; a blocked Parse left whatever the name meant before): never run upstream
+            self._withhold()
+            if stmt is not None:  # its Parse was blocked, and recorded as such
+                self._pending.append(_Pending(_EXECUTE, replace_error=_policy_error(stmt.verdict)))
+                return True
+            sid = self._admit("", _UNBOUND, "execute")
+            self._pending.append(
+                _Pending(_EXECUTE, _UNBOUND, sid, replace_error=_policy_error(_UNBOUND))
+            )
             return True
-        if stmt.verdict.action is Action.BLOCK:
-            # its Parse was replaced, so Postgres has no such statement: it answers itself
-            self.to_server += chunk[start:end]
-            self._pending.append(_Pending(_EXECUTE))
-            return True
-        try:
-            checked = self.policy.revalidate(stmt.sql, stmt.verdict, self._ctx("execute"))
-        except Exception:
-            checked = Verdict(Action.BLOCK, ("internal policy error",), message=_INTERNAL)
+        if _names_sql(stmt.verdict.statement_class):
+            # decided again: the policy's definitions of SQL names may have changed since Parse
+            checked = self._decide(stmt.sql, self._ctx("execute"))
+            names = self._names_ok(stmt.sql, checked)
+            if names is None:
+                return None
+            if not names:
+                checked = _refused(checked, _UNKNOWN_NAME)
+        else:
+            try:
+                checked = self.policy.revalidate(stmt.sql, stmt.verdict, self._ctx("execute"))
+            except Exception:
+                checked = Verdict(Action.BLOCK, ("internal policy error",), message=_INTERNAL)
         if checked is not stmt.verdict:
             stmt.verdict = checked
         verdict = self._bulk(stmt.sql, checked)
@@ -529,7 +724,7 @@ class Relay:
 
     def _send_execute(self, raw: bytes, sid: int, verdict: Verdict, portal: _Portal) -> None:
         if not verdict.admits:
-            self.to_server += m.Execute("pgproxy: withheld portal", 0).encode()
+            self._withhold()
             self._pending.append(
                 _Pending(
                     _EXECUTE, verdict, sid, replace_error=_policy_error(verdict), portal=portal
@@ -546,8 +741,9 @@ class Relay:
             portal.described = True
         self.to_server += raw
         sql = portal.statement.sql if portal.statement is not None else ""
-        pending = _Pending(_EXECUTE, verdict, sid, portal=portal, sql=sql)
+        pending = _Pending(_EXECUTE, verdict, sid, portal=portal, sql=sql, base=portal.rows)
         self._pending.append(pending)
+        self._note_defines(sql, verdict, pending)
         if _row_limit(verdict) is not None:
             # its rows may be stopped at the limit; nothing pipelined behind it may run before
             # that is known, so send no more until it completes (Flush: the server sends its
@@ -698,7 +894,7 @@ class Relay:
                         continue
                     if head.verdict is not None and head.verdict.result is not None:
                         limit = head.verdict.result.max_rows
-                        if limit is not None and head.rows > limit:
+                        if limit is not None and head.rows + head.base > limit:
                             if run_start >= 0:
                                 out += chunk[run_start:start]
                                 run_start = -1
@@ -914,7 +1110,7 @@ class Relay:
         self, head: _Pending, cp: CopyPlan, chunk: bytes, start: int, end: int
     ) -> None:
         limit = head.verdict.result.max_rows if head.verdict and head.verdict.result else None
-        if limit is not None and head.rows > limit:
+        if limit is not None and head.rows + head.base > limit:
             self._stop(head, _row_limit_error(limit), over_limit=True)
             return
         if head.copy_header:
@@ -940,6 +1136,7 @@ class Relay:
         room = len(frames)
         limit = head.verdict.result.max_rows if head.verdict and head.verdict.result else None
         if limit is not None:
+            limit -= head.base
             if head.rows > limit:
                 self._stop(head, _row_limit_error(limit), over_limit=True)
                 return i + 1
@@ -985,6 +1182,8 @@ class Relay:
             err = m.ErrorResponse.decode(body)
             head.sqlstate = err.sqlstate
             self.to_client += self._scrubbed(err, raw, head.verdict)
+        if not head.sqlstate:
+            head.sqlstate = "XX000"  # an error all the same (see ``_finish``)
         if head.kind not in _ENDS_AT_READY:
             # extended protocol: the server now skips to Sync
             while self._pending and self._pending[0].kind != _SYNC:
@@ -999,6 +1198,11 @@ class Relay:
         self, msg: m.ErrorResponse | m.NoticeResponse, raw: bytes, verdict: Verdict | None
     ) -> bytes:
         fields = dict(msg.fields)
+        if verdict is not None and "transaction" in verdict.statement_class:
+            # COMMIT and SET CONSTRAINTS run the checks deferred from earlier statements: their
+            # errors name other statements' values (a duplicated key), so they are scrubbed as
+            # a statement the policy did not see
+            verdict = None
         try:
             new = self.policy.scrub_error(fields, verdict)
         except Exception:
@@ -1032,6 +1236,29 @@ class Relay:
         )
 
     def _finish(self, p: _Pending) -> None:
+        named = p.made
+        if named is not None and named.state == _SENT:
+            # answered by ParseComplete/BindComplete, or skipped or failed with an error
+            if p.sqlstate:
+                named.state = _REFUSED
+            else:
+                named.state = _MADE
+                named.prev = None
+        if p.defines:
+            made = not (p.sqlstate or p.stopped)
+            for key, gen in p.defines:
+                if self._sql_inflight.get(key) is p:
+                    del self._sql_inflight[key]
+                if made and self._sql_gen.get(key, 0) == gen:
+                    self._sql_trusted[key] = gen
+                else:
+                    self._sql_trusted.pop(key, None)
+            p.defines = ()
+        if p.rows and not p.finished:
+            if p.kind == _EXECUTE and p.portal is not None:
+                p.portal.rows += p.rows
+            for name in p.cursors:
+                self._cursor_rows[name] = self._cursor_rows.get(name, 0) + p.rows
         if p is self._gate:
             self._gate = None
             self._ungate = True
@@ -1064,6 +1291,91 @@ def _query_text(chunk: bytes, start: int, end: int) -> str:
         except UnicodeDecodeError:
             pass
     return m.Query.decode(memoryview(chunk)[start + 5 : end]).sql
+
+
+_N = TypeVar("_N", bound=_Named)
+
+
+def _server_name(name: str) -> str:
+    """The name as the server keys it: statements and portals by their first 63 bytes
+    (NAMEDATALEN - 1), so longer names that share them are one name. Lossless on those bytes."""
+    if len(name) <= 15:  # at most 4 bytes a character: no longer than 63 bytes
+        return name
+    raw = name.encode()
+    return raw[:63].decode("utf-8", "surrogateescape") if len(raw) > 63 else name
+
+
+_UNKNOWN_NAME = (
+    "EXECUTE/FETCH/MOVE of a name whose PREPARE/DECLARE the server did not confirm, or that "
+    "the extended protocol used since: prepare or declare it again"
+)
+
+
+_NAMES_SQL: dict[str, bool] = {}
+
+
+def _names_sql(statement_class: str) -> bool:
+    """Whether a statement of this class may define or use SQL-level statement/cursor names
+    (EXPLAIN and CREATE TABLE AS may wrap an EXECUTE)."""
+    hit = _NAMES_SQL.get(statement_class)
+    if hit is None:
+        hit = any(
+            k in statement_class
+            for k in ("prepare", "declare", "execute", "fetch", "explain", "ddl")
+        )
+        if len(_NAMES_SQL) < 4096:
+            _NAMES_SQL[statement_class] = hit
+    return hit
+
+
+def _sql_name_ops(sql: str) -> list[tuple[bool, bytes, str]] | None:
+    """``(defines, kind, name)`` for each PREPARE/DECLARE (defines) and EXECUTE/FETCH/MOVE in
+    ``sql``, in order; kind ``b"S"`` for statements, ``b"P"`` for cursors. None: unparseable."""
+    from pgproxy.policy.classify import ClassifyError, StatementClass, classify
+
+    try:
+        parsed = classify(sql)
+    except ClassifyError:
+        return None
+    out: list[tuple[bool, bytes, str]] = []
+    for top in parsed:
+        c = top
+        while c.inner is not None and c.klass not in (
+            StatementClass.PREPARE,
+            StatementClass.DECLARE,
+        ):
+            c = c.inner  # EXPLAIN EXECUTE, CREATE TABLE … AS EXECUTE
+        if c.klass is StatementClass.PREPARE:
+            out.append((True, b"S", c.node.name or ""))
+        elif c.klass is StatementClass.DECLARE:
+            out.append((True, b"P", c.node.portalname or ""))
+        elif c.klass is StatementClass.EXECUTE:
+            out.append((False, b"S", c.node.name or ""))
+        elif c.klass is StatementClass.FETCH:
+            out.append((False, b"P", c.node.portalname or ""))
+    return out
+
+
+def _before(named: _N | None) -> _N | None:
+    """The ``prev`` of a new Parse/Bind of a name: what the server will have if it refuses."""
+    return named if named is not None and named.state == _SENT else _made(named)
+
+
+def _made(named: _N | None) -> _N | None:
+    """What the server has under a name: a refused Parse/Bind left the previous entry."""
+    while named is not None and named.state == _REFUSED:
+        named = named.prev  # type: ignore[assignment]
+    return named
+
+
+#: in place of an Execute the policy refuses: an unnamed Parse that fails at once (a portal
+#: name would not do, since SQL DECLARE can create any name)
+_WITHHELD = m.Parse("", BLOCKED_SQL).encode()
+_UNBOUND = Verdict(
+    Action.BLOCK,
+    ("the portal or statement was not prepared through the extended protocol",),
+    message="statement blocked: execute only what was prepared with Parse and Bind",
+)
 
 
 def _row_limit(verdict: Verdict) -> int | None:

@@ -4,6 +4,7 @@ approved bulk export returns every row — still masked."""
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 
 from pgproxy.protocol.relay import HoldRequested
 from pgproxy.server.holds import HoldContext, HoldOutcome
+from tests.integration._util import RawConn, message, startup_packet
 from tests.integration.conftest import ProxyThread
 from tests.integration.conftest import policy_proxy as start_policy_proxy
 
@@ -199,3 +201,49 @@ def test_a_changing_query_under_the_limit_is_committed(
         assert got == [(None,), (None,)]
         conn.execute("DELETE FROM people WHERE id > 2000")
     assert _count(bulk_db) == ROWS
+
+
+def _raw(t: ProxyThread) -> RawConn:
+    raw = RawConn(t.host, t.port, timeout=20)
+    raw.send(startup_packet({"user": "triage-bot", "database": DB}))
+    raw.login("triage-bot", "s3cret")
+    return raw
+
+
+def _rows(msgs: list[tuple[bytes, bytes]]) -> int:
+    return [tag for tag, _ in msgs].count(b"D")
+
+
+def test_the_row_limit_counts_across_executes_of_a_suspended_portal(
+    not_estimating: ProxyThread,
+) -> None:
+    raw = _raw(not_estimating)
+    try:
+        raw.query("BEGIN")
+        sql = b"SELECT id, ssn FROM people ORDER BY id"
+        raw.send(
+            message(b"P", b"\x00" + sql + b"\x00\x00\x00")
+            + message(b"B", b"lim\x00\x00" + struct.pack("!hhh", 0, 0, 0))
+            + message(b"S", b"")
+        )
+        raw.read_until_ready()
+        got = 0
+        for _ in range(ROWS // LIMIT):
+            raw.send(message(b"E", b"lim\x00" + struct.pack("!i", LIMIT)) + message(b"S", b""))
+            got += _rows(raw.read_until_ready())
+        assert got <= LIMIT
+        raw.query("ROLLBACK")
+    finally:
+        raw.close()
+
+
+def test_the_row_limit_counts_across_fetches_of_a_cursor(not_estimating: ProxyThread) -> None:
+    raw = _raw(not_estimating)
+    try:
+        raw.query("BEGIN")
+        raw.query("DECLARE limc CURSOR FOR SELECT id, ssn FROM people ORDER BY id")
+        got = sum(_rows(raw.query(f"FETCH {LIMIT} FROM limc")) for _ in range(ROWS // LIMIT))
+        assert got <= LIMIT
+        raw.query("ROLLBACK")
+    finally:
+        raw.close()

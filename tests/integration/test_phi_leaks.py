@@ -21,6 +21,7 @@ import pytest
 
 from pgproxy.protocol.relay import HoldRequested
 from pgproxy.server.holds import HoldContext, HoldOutcome
+from tests.integration._util import RawConn, message, startup_packet
 from tests.integration.capture import CaptureHop
 from tests.integration.conftest import ProxyThread
 from tests.integration.conftest import policy_proxy as start_policy_proxy
@@ -47,6 +48,7 @@ tags:
   public.patients.mrn: mrn
   public.cards.ssn: ssn
   public.births.dob: dob
+  public.contacts.email: email
 approvals:
   hold: [ddl, privilege, bulk_export]
   bulk_export_rows: 1000
@@ -95,6 +97,10 @@ def phi_db(pg_cluster: object, pg_dsn: str) -> Iterator[str]:
         conn.execute("CREATE VIEW born_early AS SELECT id FROM patients WHERE dob < '1970-01-01'")
         conn.execute("CREATE VIEW born_late AS SELECT id FROM patients WHERE dob >= '1970-01-01'")
         conn.execute("CREATE TABLE visits_summary (id int, note text)")
+        conn.execute(
+            "CREATE TABLE contacts (id int, email text UNIQUE DEFERRABLE INITIALLY DEFERRED)"
+        )
+        conn.execute("INSERT INTO contacts SELECT id, email FROM patients")
         conn.execute("ANALYZE patients")
     yield dsn
 
@@ -584,4 +590,340 @@ def test_a_schema_named_after_the_upstream_role_does_not_shadow_public(
     finally:
         with psycopg.connect(phi_db, autocommit=True) as owner:
             owner.execute(f'DROP SCHEMA "{user}" CASCADE')
+    assert_no_phi(hop.snapshot())
+
+
+# ------------------------------------------------------------- names shared across paths
+# Prepared statements and portals are names on the server; SQL PREPARE/DECLARE and the
+# extended protocol share them. A name the relay binds to one verdict must not run another
+# statement upstream.
+
+
+def _raw(hop: CaptureHop) -> RawConn:
+    raw = RawConn(hop.host, hop.port, timeout=20)
+    raw.send(startup_packet({"user": "triage-bot", "database": DB}))
+    raw.login("triage-bot", "s3cret")
+    return raw
+
+
+def _parse(name: str, sql: str) -> bytes:
+    return message(b"P", name.encode() + b"\x00" + sql.encode() + b"\x00" + struct.pack("!h", 0))
+
+
+def _bind(portal: str, statement: str) -> bytes:
+    body = portal.encode() + b"\x00" + statement.encode() + b"\x00"
+    return message(b"B", body + struct.pack("!hhh", 0, 0, 0))
+
+
+def _execute(portal: str, max_rows: int = 0) -> bytes:
+    return message(b"E", portal.encode() + b"\x00" + struct.pack("!i", max_rows))
+
+
+SYNC = message(b"S", b"")
+
+
+def _until_ready(raw: RawConn, n: int = 1) -> list[tuple[bytes, bytes]]:
+    out: list[tuple[bytes, bytes]] = []
+    for _ in range(n):
+        out += raw.read_until_ready()
+    return out
+
+
+def test_protocol_execute_of_an_sql_prepared_statement(hop: CaptureHop) -> None:
+    raw = _raw(hop)
+    try:
+        raw.query("PREPARE sqlprep AS SELECT ssn, first_name FROM patients")
+        raw.send(_bind("", "sqlprep") + _execute("") + SYNC)
+        _until_ready(raw)
+        assert raw.query("SELECT 40 + 2")[-1][0] == b"Z"
+    finally:
+        raw.close()
+    assert_no_phi(hop.snapshot())
+
+
+def test_protocol_execute_of_an_sql_cursor(hop: CaptureHop) -> None:
+    raw = _raw(hop)
+    try:
+        raw.query("BEGIN")
+        raw.query("DECLARE sqlcur CURSOR FOR SELECT ssn, first_name FROM patients")
+        raw.send(_execute("sqlcur") + SYNC)
+        _until_ready(raw)
+        raw.query("ROLLBACK")
+    finally:
+        raw.close()
+    assert_no_phi(hop.snapshot())
+
+
+def test_a_second_parse_of_a_name_does_not_rebind_it(hop: CaptureHop) -> None:
+    raw = _raw(hop)
+    try:
+        raw.send(_parse("twice", "SELECT ssn, first_name FROM patients") + SYNC)
+        _until_ready(raw)
+        # Postgres refuses the second Parse (the name exists): "twice" is still the first
+        raw.send(_parse("twice", "SELECT 'x'::text, 'y'::text") + SYNC)
+        _until_ready(raw)
+        raw.send(_bind("", "twice") + _execute("") + SYNC)
+        _until_ready(raw)
+    finally:
+        raw.close()
+    assert_no_phi(hop.snapshot())
+
+
+def test_a_blocked_parse_of_an_existing_name(hop: CaptureHop) -> None:
+    raw = _raw(hop)
+    try:
+        raw.send(_parse("again", "SELECT ssn, first_name FROM patients") + SYNC)
+        _until_ready(raw)
+        raw.send(_parse("again", "SELECT pg_sleep(0)") + SYNC)  # blocked: replaced upstream
+        _until_ready(raw)
+        raw.send(_bind("", "again") + _execute("") + SYNC)
+        _until_ready(raw)
+    finally:
+        raw.close()
+    assert_no_phi(hop.snapshot())
+
+
+def test_a_portal_replaced_by_an_sql_cursor(hop: CaptureHop) -> None:
+    raw = _raw(hop)
+    try:
+        raw.query("BEGIN")
+        raw.send(_parse("", "SELECT 'x'::text, 'y'::text") + _bind("pc", "") + SYNC)
+        _until_ready(raw)
+        raw.query("CLOSE pc")
+        raw.query("DECLARE pc CURSOR FOR SELECT ssn, first_name FROM patients")
+        raw.send(_execute("pc") + SYNC)
+        _until_ready(raw)
+        raw.query("ROLLBACK")
+    finally:
+        raw.close()
+    assert_no_phi(hop.snapshot())
+
+
+def test_a_refused_parse_pipelined_across_syncs(hop: CaptureHop) -> None:
+    raw = _raw(hop)
+    try:
+        # all in one write: the relay cannot know the second Parse is refused when it sees
+        # the Bind, so the Bind waits for the answers in flight
+        raw.send(
+            _parse("piped", "SELECT ssn, first_name FROM patients") + SYNC
+            + _parse("piped", "SELECT 'x'::text, 'y'::text") + SYNC
+            + _bind("", "piped") + _execute("") + SYNC
+        )  # fmt: skip
+        msgs = _until_ready(raw, 3)
+        rows = [body for tag, body in msgs if tag == b"D"]
+        assert len(rows) == 2  # the statement the server has, masked
+        assert raw.query("SELECT 40 + 2")[-1][0] == b"Z"
+    finally:
+        raw.close()
+    assert_no_phi(hop.snapshot())
+
+
+def test_a_portal_bound_in_an_earlier_sync_segment_runs_masked(hop: CaptureHop) -> None:
+    raw = _raw(hop)
+    try:
+        raw.query("BEGIN")
+        raw.send(
+            _parse("seg", "SELECT ssn, first_name FROM patients ORDER BY id") + _bind("pseg", "seg")
+            + SYNC + _execute("pseg", 1) + SYNC + _execute("pseg") + SYNC
+        )  # fmt: skip
+        msgs = _until_ready(raw, 3)
+        assert [tag for tag, _ in msgs].count(b"D") == 2
+        assert b"s" in [tag for tag, _ in msgs]  # PortalSuspended after the first row
+        raw.query("ROLLBACK")
+    finally:
+        raw.close()
+    assert_no_phi(hop.snapshot())
+
+
+def test_a_refused_sql_prepare_does_not_redefine_the_name(hop: CaptureHop) -> None:
+    raw = _raw(hop)
+    try:
+        raw.query("PREPARE twice_sql AS SELECT ssn, first_name FROM patients")
+        raw.query("PREPARE twice_sql AS SELECT 'x'::text, 'y'::text")  # already exists
+        raw.query("EXECUTE twice_sql")
+    finally:
+        raw.close()
+    assert_no_phi(hop.snapshot())
+
+
+def test_a_refused_sql_declare_does_not_redefine_the_cursor(hop: CaptureHop) -> None:
+    raw = _raw(hop)
+    try:
+        raw.query("BEGIN")
+        raw.query("DECLARE dc CURSOR FOR SELECT ssn, first_name FROM patients")
+        raw.query("SAVEPOINT a")
+        raw.query("DECLARE dc CURSOR FOR SELECT 'x'::text, 'y'::text")  # already exists
+        raw.query("ROLLBACK TO a")
+        raw.query("FETCH ALL FROM dc")
+        raw.query("ROLLBACK")
+    finally:
+        raw.close()
+    assert_no_phi(hop.snapshot())
+
+
+def test_sql_fetch_of_a_portal_bound_through_the_protocol(hop: CaptureHop) -> None:
+    raw = _raw(hop)
+    try:
+        raw.query("BEGIN")
+        raw.query("DECLARE pf CURSOR FOR SELECT 'x'::text, 'y'::text")
+        raw.query("COMMIT")
+        raw.query("BEGIN")
+        raw.send(_parse("", "SELECT ssn, first_name FROM patients") + _bind("pf", "") + SYNC)
+        _until_ready(raw)
+        raw.query("FETCH ALL FROM pf")
+        raw.query("ROLLBACK")
+    finally:
+        raw.close()
+    assert_no_phi(hop.snapshot())
+
+
+def test_sql_execute_of_a_statement_parsed_through_the_protocol(hop: CaptureHop) -> None:
+    raw = _raw(hop)
+    try:
+        raw.query("PREPARE ps AS SELECT 'x'::text, 'y'::text")
+        raw.send(message(b"C", b"Sps\x00") + SYNC)  # protocol Close of the SQL statement
+        _until_ready(raw)
+        raw.send(_parse("ps", "SELECT ssn, first_name FROM patients") + SYNC)
+        _until_ready(raw)
+        raw.query("EXECUTE ps")
+    finally:
+        raw.close()
+    assert_no_phi(hop.snapshot())
+
+
+def test_sql_prepared_statements_and_cursors_still_work(hop: CaptureHop) -> None:
+    raw = _raw(hop)
+    try:
+        msgs = raw.query("PREPARE ok1 AS SELECT id, ssn FROM patients ORDER BY id; EXECUTE ok1")
+        assert [tag for tag, _ in msgs].count(b"D") == 2
+        assert [tag for tag, _ in raw.query("EXECUTE ok1")].count(b"D") == 2
+        # separate Query messages in one write: the EXECUTE waits for the PREPARE's answer
+        raw.send(message(b"Q", b"PREPARE ok2 AS SELECT id, dob FROM patients\x00"))
+        raw.send(message(b"Q", b"EXECUTE ok2\x00"))
+        msgs = _until_ready(raw, 2)
+        assert [tag for tag, _ in msgs].count(b"D") == 2
+        raw.query("BEGIN")
+        raw.query("DECLARE ok3 CURSOR FOR SELECT id, first_name FROM patients ORDER BY id")
+        assert [tag for tag, _ in raw.query("FETCH 1 FROM ok3")].count(b"D") == 1
+        assert b"E" not in [tag for tag, _ in raw.query("MOVE BACKWARD 1 IN ok3")]
+        assert [tag for tag, _ in raw.query("FETCH ALL FROM ok3")].count(b"D") == 2
+        raw.query("COMMIT")
+    finally:
+        raw.close()
+    assert_no_phi(hop.snapshot())
+
+
+def test_a_named_psycopg_cursor_with_prepared_fetches(hop: CaptureHop) -> None:
+    with (
+        psycopg.connect(dsn_for(hop), prepare_threshold=0) as conn,
+        conn.cursor(name="many") as cur,
+    ):
+        cur.itersize = 1
+        cur.execute("SELECT id, ssn FROM patients CROSS JOIN generate_series(1, 4)")
+        rows = list(cur)
+    assert len(rows) == 8
+    assert_no_phi(hop.snapshot())
+
+
+def test_a_query_sent_during_copy_in_does_not_shift_the_answers(hop: CaptureHop) -> None:
+    raw = _raw(hop)
+    try:
+        raw.send(message(b"Q", b"COPY visits_summary FROM STDIN\x00"))
+        tag, _ = raw.read_message()
+        assert tag == b"G"  # CopyInResponse: the server reads COPY data now
+        # the server swallows the first Query as a COPY protocol error (and Postgres ends the
+        # session); the second one's rows must never be matched to the first one's verdict
+        raw.send(
+            message(b"Q", b"SELECT 'x'::text, 'y'::text\x00")
+            + message(b"Q", b"SELECT ssn, first_name FROM patients\x00")
+        )
+        assert raw.closed_by_peer()
+    finally:
+        raw.close()
+    assert_no_phi(hop.snapshot())
+
+
+def test_explain_analyze_of_a_redefined_prepared_statement(hop: CaptureHop) -> None:
+    raw = _raw(hop)
+    try:
+        raw.query("PREPARE ex1 AS SELECT id FROM patients WHERE ssn LIKE '900-5%'")
+        raw.query("PREPARE ex1 AS SELECT 1")  # refused by the server: ex1 exists
+        msgs = raw.query("EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF) EXECUTE ex1")
+        # the plan of the statement the server really has (a filter on ssn) never comes back
+        assert b"ssn" not in b"".join(body for tag, body in msgs if tag == b"D")
+    finally:
+        raw.close()
+
+
+def test_binary_and_holdable_cursors_are_masked(hop: CaptureHop) -> None:
+    raw = _raw(hop)
+    try:
+        raw.query("BEGIN")
+        raw.query("DECLARE bc BINARY CURSOR WITH HOLD FOR SELECT id, dob, ssn FROM patients")
+        raw.query("COMMIT")  # the cursor outlives its transaction
+        fetched = raw.query("FETCH ABSOLUTE 2 FROM bc") + raw.query("FETCH BACKWARD 1 FROM bc")
+        assert [tag for tag, _ in fetched].count(b"D") == 2
+        raw.query("CLOSE bc")
+    finally:
+        raw.close()
+    assert_no_phi(hop.snapshot())
+
+
+def test_an_error_at_commit_is_scrubbed(approving_proxy: ProxyThread) -> None:
+    # A write into a tagged column under a unique index is held (an equality oracle); the
+    # approving proxy lets it run, so that the deferred check fails at COMMIT
+    with CaptureHop(approving_proxy.host, approving_proxy.port) as hop:
+        raw = _raw(hop)
+        try:
+            raw.query("BEGIN")
+            # copies a tagged value within its column: the unique check is deferred to
+            # COMMIT, whose error would name the duplicated key
+            raw.query("INSERT INTO contacts SELECT 3, email FROM contacts WHERE id = 1")
+            msgs = raw.query("COMMIT")
+            assert any(tag == b"E" for tag, _ in msgs)
+        finally:
+            raw.close()
+        assert_no_phi(hop.snapshot())
+
+
+def test_mixed_result_formats_are_masked_per_column(hop: CaptureHop) -> None:
+    raw = _raw(hop)
+    try:
+        sql = b"SELECT dob, ssn, dob FROM patients ORDER BY id"
+        formats = struct.pack("!hhhh", 3, 1, 0, 1)  # binary, text, binary
+        raw.send(
+            message(b"P", b"\x00" + sql + b"\x00\x00\x00")
+            + message(b"B", b"\x00\x00" + struct.pack("!hh", 0, 0) + formats)
+            + _execute("", 1) + _execute("") + SYNC
+        )  # fmt: skip
+        tags = [tag for tag, _ in _until_ready(raw)]
+        assert tags.count(b"D") == 2 and b"s" in tags  # suspended after one row, then the rest
+        # one format code for all columns: binary everywhere
+        raw.send(
+            message(b"P", b"\x00" + sql + b"\x00\x00\x00")
+            + message(b"B", b"\x00\x00" + struct.pack("!hhhh", 0, 0, 1, 1))
+            + _execute("") + SYNC
+        )  # fmt: skip
+        msgs = _until_ready(raw)
+        assert [tag for tag, _ in msgs].count(b"D") == 2
+    finally:
+        raw.close()
+    assert_no_phi(hop.snapshot())
+
+
+def test_names_longer_than_the_server_keeps_are_one_name(hop: CaptureHop) -> None:
+    """Postgres keys statements and portals by their first 63 bytes."""
+    long1, long2 = "n" * 63 + "1", "n" * 63 + "2"
+    raw = _raw(hop)
+    try:
+        raw.send(_parse(long1, "SELECT 'x'::text, 'y'::text") + SYNC)
+        _until_ready(raw)
+        raw.send(message(b"C", b"S" + long2.encode() + b"\x00") + SYNC)  # closes long1
+        _until_ready(raw)
+        raw.send(_parse(long2, "SELECT ssn, first_name FROM patients") + SYNC)
+        _until_ready(raw)
+        raw.send(_bind("", long1) + _execute("") + SYNC)
+        _until_ready(raw)
+    finally:
+        raw.close()
     assert_no_phi(hop.snapshot())

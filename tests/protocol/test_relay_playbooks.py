@@ -4,7 +4,7 @@ Each step feeds one side's bytes and states exactly what each side receives. ``S
 default for what the other side receives) asserts byte identity: messages nobody rewrites are
 forwarded as their original bytes. The server's answers in these tables are the ones a real
 Postgres gives (the golden vectors show the same shapes); in particular a substitute statement
-(``BLOCKED_SQL``) draws a syntax error (42601) and a withheld portal draws 34000.
+(``BLOCKED_SQL``) draws a syntax error (42601), also where it replaces a withheld Execute.
 """
 
 from __future__ import annotations
@@ -65,7 +65,6 @@ def pg_error(sqlstate: str, message: str) -> m.ErrorResponse:
 
 
 SYNTAX_ERROR = pg_error("42601", 'syntax error at or near "pgproxy"')
-NO_PORTAL = pg_error("34000", 'portal "pgproxy: withheld portal" does not exist')
 
 
 def extended(
@@ -491,8 +490,8 @@ def test_block_extended_query_then_pipeline_works() -> None:
                     m.Parse("s1", BLOCKED_SQL),
                     m.Bind("p1", "s1"),
                     m.Describe(b"P", "p1"),
-                    # the statement was never prepared upstream: its Execute goes as is
-                    m.Execute("p1"),
+                    # whatever the server has under that name, it does not run it
+                    m.Parse("", BLOCKED_SQL),
                     m.Sync(),
                 ],
             ),
@@ -516,7 +515,7 @@ def test_block_extended_inside_a_transaction() -> None:
                     m.Parse("", BLOCKED_SQL),
                     m.Bind("", ""),
                     m.Describe(b"P", ""),
-                    m.Execute(""),
+                    m.Parse("", BLOCKED_SQL),
                     m.Sync(),
                 ],
             ),
@@ -960,13 +959,13 @@ def test_hold_extended_denied() -> None:
             release(
                 False,
                 "denied by fake reviewer",
-                upstream=[m.Execute("pgproxy: withheld portal"), m.Sync()],
+                upstream=[m.Parse("", BLOCKED_SQL), m.Sync()],
             ),
             server(
                 PC,
                 BC,
                 m.NoData(),
-                NO_PORTAL,
+                SYNTAX_ERROR,
                 IDLE,
                 downstream=[PC, BC, m.NoData(), Err("42501", "denied by fake reviewer"), IDLE],
                 events=[("finished", 1, 0, "42501", 0)],
@@ -1341,5 +1340,85 @@ def test_a_row_limited_query_mixed_with_transaction_control_is_refused() -> None
             ),
             server(SYNTAX_ERROR, IDLE, downstream=[Err("42501", "send it on its own"), IDLE]),
             *simple_select_works(2),
+        ],
+    )
+
+
+# ------------------------------------------------------------------ names the server refused
+
+OTHER = "SELECT 'x', 'y'"
+
+
+def test_a_refused_second_parse_leaves_the_first_statement_bound() -> None:
+    """Postgres refuses a Parse of a name that exists: the name keeps the first statement,
+    and so does its masking."""
+    relay = relay_with(FakePolicy({SELECT: mask(MaskColumn())}))
+    play(
+        relay,
+        [
+            client(m.Parse("s1", SELECT), m.Sync()),
+            server(PC, IDLE),
+            client(m.Parse("s1", OTHER), m.Sync()),
+            server(pg_error("42P05", 'prepared statement "s1" already exists'), IDLE),
+            client(m.Bind("", "s1"), m.Describe(b"P", ""), m.Execute(""), m.Sync()),
+            server(
+                BC,
+                RD,
+                row(1),
+                done("SELECT 1"),
+                IDLE,
+                downstream=[BC, RD, m.DataRow((b"1", b"masked-fmt0")), done("SELECT 1"), IDLE],
+            ),
+        ],
+    )
+
+
+def test_a_bind_after_a_sync_waits_for_the_parse_answer() -> None:
+    """Which statement a Bind in a later Sync segment binds is known only from the Parse's
+    answer: the Bind (and what follows) waits for it."""
+    relay = relay_with(FakePolicy({SELECT: mask(MaskColumn())}))
+    play(
+        relay,
+        [
+            client(m.Parse("s1", SELECT), m.Sync()),
+            server(PC, IDLE),
+            client(
+                m.Parse("s1", OTHER),
+                m.Sync(),
+                m.Bind("", "s1"),
+                m.Describe(b"P", ""),
+                m.Execute(""),
+                m.Sync(),
+                upstream=[m.Parse("s1", OTHER), m.Sync(), m.Flush()],
+            ),
+            server(
+                pg_error("42P05", 'prepared statement "s1" already exists'),
+                IDLE,
+                upstream=[m.Bind("", "s1"), m.Describe(b"P", ""), m.Execute(""), m.Sync()],
+            ),
+            server(
+                BC,
+                RD,
+                row(1),
+                done("SELECT 1"),
+                IDLE,
+                downstream=[BC, RD, m.DataRow((b"1", b"masked-fmt0")), done("SELECT 1"), IDLE],
+            ),
+        ],
+    )
+
+
+def test_execute_of_a_portal_the_relay_never_bound_is_withheld() -> None:
+    """An SQL cursor shares the portal namespace: executing it through the protocol would skip
+    the policy, so a substitute that fails at once goes instead."""
+    play(
+        relay_with(),
+        [
+            client(
+                m.Execute("sqlcursor"),
+                m.Sync(),
+                upstream=[m.Parse("", BLOCKED_SQL), m.Sync()],
+            ),
+            server(SYNTAX_ERROR, IN_TXN, downstream=[Err("42501"), IN_TXN]),
         ],
     )
