@@ -6,9 +6,11 @@ coarse is a breach: it hands one statement the decision made for another. So a k
 literal whose value can change the decision and the engine shares keys only between plain DML
 statements (``SHARED_CLASSES``), where no literal value matters except one: a small integer
 can be a column position (``ORDER BY 2``, ``GROUP BY 1``, ``DISTINCT ON (1)``), and ordering by
-position 1 may order by a tagged column where position 2 does not. Integers below ``10000``
-(more than the 1664 columns a select list can have) therefore stay in the key verbatim, and so
-does any integer written in a form other than plain decimal without leading zeros. One string is
+position 1 may order by a tagged column where position 2 does not. In a text that contains
+``ORDER``, ``GROUP`` or ``DISTINCT`` anywhere (any case; only those clauses read positions),
+integers below ``10000`` (more than the 1664 columns a select list can have) therefore stay in
+the key verbatim, and so does any integer written in a form other than plain decimal without
+leading zeros; in any other text every plain decimal integer is a placeholder. One string is
 not a value either: the escape character after ``UESCAPE`` decides which identifier
 ``U&"!0073sn"`` names, so it stays in the key too. Option
 values of EXPLAIN, SET and the like (``ANALYZE 'true'``) are why no other class shares keys.
@@ -32,14 +34,19 @@ SHARED_CLASSES: Final = frozenset({"select", "insert", "update", "delete"})
 _SIMPLE: Final = re.compile(r"[A-Za-z0-9_\s,.;()=<>*+\-:]*")
 #: a standalone decimal integer of 5+ digits (not part of an identifier, a float or a param)
 _BIG_INT: Final = re.compile(r"(?<![\w.])[1-9][0-9]{4,}(?![\w.])")
+#: any standalone decimal integer
+_ANY_INT: Final = re.compile(r"(?<![\w.])[0-9]+(?![\w.])")
+#: the clauses where an integer constant is a column position
+_POSITIONS: Final = re.compile(r"order|group|distinct", re.IGNORECASE)
 _STRING_TOKENS: Final = frozenset({"SCONST", "USCONST", "BCONST", "XCONST"})
 _COMMENT_TOKENS: Final = frozenset({"SQL_COMMENT", "C_COMMENT"})
 
 
 def key(sql: str) -> str | None:
     """The statement's shape key, or None when it will not scan (such a text is never shared)."""
+    ints = _BIG_INT if _POSITIONS.search(sql) is not None else _ANY_INT
     if _SIMPLE.fullmatch(sql) is not None and "--" not in sql:
-        return "f:" + _BIG_INT.sub("?", sql)
+        return "f:" + ints.sub("?", sql)
     try:
         tokens = parser.scan(sql)
     except Exception:
@@ -54,7 +61,7 @@ def key(sql: str) -> str | None:
         after_uescape, previous = previous == "UESCAPE", name
         if name in _STRING_TOKENS and not after_uescape:
             text = "'?'"
-        elif name == "FCONST" or (name == "ICONST" and _BIG_INT.fullmatch(text) is not None):
+        elif name == "FCONST" or (name == "ICONST" and ints.fullmatch(text) is not None):
             text = "?"
         out.append(text)
         out.append(" ")

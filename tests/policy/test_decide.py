@@ -573,6 +573,8 @@ def test_statements_differing_only_in_literals_share_one_decision() -> None:
     first = eng.statement("SELECT ssn FROM patients WHERE id = 10001", CTX)
     again = eng.statement("SELECT ssn FROM patients WHERE id = 99999", CTX)
     assert again is first  # decided once, by shape
+    small = eng.statement("SELECT ssn FROM patients WHERE id = 1", CTX)
+    assert eng.statement("SELECT ssn FROM patients WHERE id = 2", CTX) is small
     quoted = eng.statement("SELECT ssn FROM patients WHERE id = '3' /* x */", CTX)
     assert eng.statement("SELECT ssn FROM patients WHERE id = '4' /* y */", CTX) is quoted
     other = eng.statement("SELECT first_name FROM patients WHERE id = 2", CTX)
