@@ -335,22 +335,22 @@ def _option_on(options: Any, name: str) -> bool:
     return False
 
 
-def _walk(node: Any) -> Iterator[ast.Node]:
-    """Every ast.Node below (and including) ``node``."""
+def walk_nodes(node: Any) -> Iterator[Any]:
+    """Every pglast ``ast.Node`` below (and including) ``node``, in no particular order."""
     stack = [node]
     while stack:
         item = stack.pop()
         if isinstance(item, ast.Node):
             yield item
             slots: Iterable[str] = getattr(type(item), "__slots__", ())
-            stack.extend(getattr(item, attr) for attr in slots)
+            stack.extend(getattr(item, attr, None) for attr in slots)
         elif isinstance(item, list | tuple):
             stack.extend(item)
 
 
 def _hidden_write(node: Any) -> StatementClass | None:
     """The most severe data-modifying statement nested anywhere in a SELECT, if any."""
-    found = {type(n) for n in _walk(node)}
+    found = {type(n) for n in walk_nodes(node)}
     for write_kind, klass in _WRITE_NODES:
         if write_kind in found:
             return klass
@@ -358,7 +358,7 @@ def _hidden_write(node: Any) -> StatementClass | None:
 
 
 def _has_unbounded_write(node: Any) -> bool:
-    for n in _walk(node):
+    for n in walk_nodes(node):
         if isinstance(n, ast.UpdateStmt | ast.DeleteStmt) and _unbounded_where(n.whereClause):
             return True
     return False
@@ -368,4 +368,4 @@ def _unbounded_where(where: Any) -> bool:
     """A WHERE that cannot tell rows apart: absent, or referencing no column at all."""
     if where is None:
         return True
-    return not any(isinstance(n, ast.ColumnRef | ast.CurrentOfExpr) for n in _walk(where))
+    return not any(isinstance(n, ast.ColumnRef | ast.CurrentOfExpr) for n in walk_nodes(where))

@@ -20,7 +20,7 @@ agent). Any exception inside becomes BLOCK "internal policy error": the engine f
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -29,6 +29,7 @@ from pglast.stream import RawStream
 
 from pgproxy.policy.catalog import Catalog, Ref
 from pgproxy.policy.classify import Classified, ClassifyError, StatementClass, classify
+from pgproxy.policy.classify import walk_nodes as _walk
 from pgproxy.policy.functions import DENIED_RELATIONS, FunctionVerdict, is_denied, judge_builtin
 from pgproxy.policy.lineage import (
     SET_RETURNING,
@@ -333,18 +334,6 @@ class _Decision:
 
 def _block(klass: str, reason: str, **kw: Any) -> _Decision:
     return _Decision(Action.BLOCK, klass, [reason], **kw)
-
-
-def _walk(node: Any) -> Iterator[Any]:
-    stack = [node]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, ast.Node):
-            yield item
-            slots: Any = getattr(type(item), "__slots__", ())
-            stack.extend(getattr(item, slot, None) for slot in slots)
-        elif isinstance(item, list | tuple):
-            stack.extend(item)
 
 
 def _names(parts: Any) -> list[str]:

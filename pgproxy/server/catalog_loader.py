@@ -19,7 +19,7 @@ naming one is blocked.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import replace
 from typing import Any
 
@@ -28,6 +28,7 @@ import pglast
 from pglast import ast
 
 from pgproxy.policy.catalog import SYSTEM_SCHEMAS, Catalog, Column, Function, Relation, RowCheck
+from pgproxy.policy.classify import walk_nodes
 from pgproxy.rules import Rules
 
 _RELATIONS = """
@@ -197,7 +198,7 @@ def _columns_read(sql: str, names: dict[str, int]) -> frozenset[int] | None:
     except Exception:
         return None
     found: set[int] = set()
-    for node in _nodes(stmt):
+    for node in walk_nodes(stmt):
         if isinstance(node, ast.IndexElem) and node.name:
             ref: str | None = node.name
         elif isinstance(node, ast.ColumnRef):
@@ -209,18 +210,6 @@ def _columns_read(sql: str, names: dict[str, int]) -> frozenset[int] | None:
             return None  # a whole row, a star or a name this snapshot does not know
         found.add(names[ref])
     return frozenset(found)
-
-
-def _nodes(root: Any) -> Iterator[Any]:
-    stack = [root]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, ast.Node):
-            yield item
-            slots: Any = getattr(type(item), "__slots__", ())
-            stack.extend(getattr(item, slot, None) for slot in slots)
-        elif isinstance(item, list | tuple):
-            stack.extend(item)
 
 
 def _row_checks(
