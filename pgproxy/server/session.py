@@ -391,9 +391,10 @@ class ClientSession:
             self._side_lost(client=False)
         if self.reader.at_eof():
             self._side_lost(client=True)
-        for t in self._transports:
-            with contextlib.suppress(Exception):
-                t.resume_reading()
+        for reasons, t in zip(self._paused, self._transports, strict=True):
+            if not any(reasons.values()):  # the stream reader may have paused it
+                with contextlib.suppress(Exception):
+                    t.resume_reading()
         try:
             await self._done
         finally:
