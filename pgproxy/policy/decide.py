@@ -204,7 +204,12 @@ class LineageResult:
                 return CopyPlan(
                     RowPlan(block="binary COPY of tagged data cannot be masked"), "binary"
                 )
-            return CopyPlan(RowPlan(rewriters, tuple(masks)), self.copy_format, self.copy_header)
+            return CopyPlan(
+                RowPlan(rewriters, tuple(masks)),
+                self.copy_format,
+                self.copy_header,
+                len(self.columns),
+            )
         except Exception:
             return CopyPlan(RowPlan(block=INTERNAL_ERROR))
 
@@ -760,8 +765,9 @@ class PolicyEngine:
         if node.query is not None:
             d = self._traced(node.query, klass)
         else:
-            cols = ", ".join(_quote(a) for a in _names(node.attlist)) or "*"
             rel = node.relation
+            names = _names(node.attlist) or self._copied_columns(rel)
+            cols = ", ".join(_quote(a) for a in names) or "*"
             name = (
                 f"{_quote(rel.schemaname)}.{_quote(rel.relname)}"
                 if rel.schemaname
@@ -782,6 +788,16 @@ class PolicyEngine:
             d.action, d.hold_class = Action.HOLD, "bulk_export"
             d.reasons = [*d.reasons, "COPY of tagged data is a bulk export"]
         return d
+
+    def _copied_columns(self, rv: Any) -> list[str]:
+        """The columns ``COPY rel TO`` writes: every column but the generated ones, which
+        ``SELECT *`` would include. A generated column that reads no other column is not
+        known as generated here; the relay then sees more columns planned than the
+        CopyOutResponse announces and blocks. Unknown relation: [] (``*``)."""
+        rel = self.catalog.relation(rv.schemaname, rv.relname or "", self.search_path)
+        if rel is None:
+            return []
+        return [col.name for col in rel.columns if not col.generated_from]
 
     def _copy_from(self, c: Classified, klass: str) -> _Decision:
         node = c.node
