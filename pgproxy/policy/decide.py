@@ -1008,12 +1008,19 @@ def _safe_fingerprint(sql: str) -> str:
         return ""
 
 
+#: Statement classes that evaluate expressions over stored rows the lineage does not trace
+#: (an index build, ALTER … TYPE … USING, ADD CONSTRAINT): their errors quote those rows.
+_UNTRACED_CLASSES = frozenset({"ddl", "maintenance", "call", "do"})
+
+
 def scrub_error(fields: dict[str, str], verdict: Verdict | None) -> dict[str, str]:
-    """Error/notice fields to forward: pass-through unless the statement touched tagged data
-    (or is unknown); then only severity and SQLSTATE, with a generic message and hint."""
+    """Error/notice fields to forward: pass-through unless the statement touched tagged data,
+    ran expressions over stored rows untraced (DDL) or is unknown; then only severity and
+    SQLSTATE, with a generic message and hint."""
     touches = (
         verdict is None
         or bool(verdict.tags)
+        or not _UNTRACED_CLASSES.isdisjoint(verdict.statement_class.split(";"))
         or (verdict.result is not None and verdict.result.scrub_diagnostics)
     )
     if not touches:

@@ -211,7 +211,7 @@ def test_simple_query_never_leaks(hop: CaptureHop, sql: str) -> None:
             pass
         # the session is still usable whatever happened
         assert conn.execute("SELECT 40 + 2").fetchone() == (42,)
-    assert_no_phi(hop.snapshot())
+        assert_no_phi(hop.snapshot())
 
 
 def test_direct_projection_is_masked_not_blocked(hop: CaptureHop) -> None:
@@ -444,7 +444,7 @@ def test_a_column_position_is_decided_on_its_own(hop: CaptureHop) -> None:
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             conn.execute("SELECT id, ssn FROM patients ORDER BY 2").fetchall()
         assert conn.execute("SELECT 40 + 2").fetchone() == (42,)
-    assert_no_phi(hop.snapshot())
+        assert_no_phi(hop.snapshot())
 
 
 def _outcome(conn: psycopg.Connection[tuple[object, ...]], sql: str) -> str:
@@ -997,3 +997,103 @@ def test_names_longer_than_the_server_keeps_are_one_name(hop: CaptureHop) -> Non
     finally:
         raw.close()
     assert_no_phi(hop.snapshot())
+
+
+# ------------------------------------------------------------- function calls and notices
+
+
+def _function_call(oid: int, *args: bytes) -> bytes:
+    body = struct.pack("!ihh", oid, 1, 0) + struct.pack("!h", len(args))
+    body += b"".join(struct.pack("!i", len(a)) + a for a in args)
+    return message(b"F", body + struct.pack("!h", 0))
+
+
+def test_function_calls_by_oid_never_leak(hop: CaptureHop, phi_db: str) -> None:
+    """The FunctionCall message names a function by OID: a built-in that reads stored data by
+    OID or path is refused as it is in SQL, an allowlisted one runs, and the session goes on."""
+    with psycopg.connect(phi_db, autocommit=True) as owner:
+        lo = owner.execute(
+            "SELECT lo_from_bytea(0, convert_to(%s, 'UTF8'))::int8", (PATIENTS[0][3],)
+        ).fetchall()[0][0]
+
+        def oid(signature: str) -> int:
+            return int(owner.execute("SELECT %s::regprocedure::oid", (signature,)).fetchall()[0][0])
+
+        refused = [
+            _function_call(oid("lo_get(oid)"), str(lo).encode()),
+            _function_call(oid("loread(integer,integer)"), b"0", b"100"),
+            _function_call(oid("lo_export(oid,text)"), str(lo).encode(), b"lo.out"),
+            _function_call(oid("pg_read_file(text)"), b"PG_VERSION"),
+            _function_call(oid("pg_read_binary_file(text)"), b"PG_VERSION"),
+            _function_call(oid("pg_stat_get_activity(integer)"), b"0"),
+        ]
+        allowed = _function_call(oid("current_setting(text)"), b"server_version")
+    raw = _raw(hop)
+    try:
+        for call in refused:
+            raw.send(call)
+            tags = [tag for tag, _ in raw.read_until_ready()]
+            assert tags == [b"E", b"Z"]
+        raw.send(allowed)
+        assert [tag for tag, _ in raw.read_until_ready()] == [b"V", b"Z"]
+        assert raw.query("SELECT 40 + 2")[-1][0] == b"Z"
+    finally:
+        raw.close()
+        with psycopg.connect(phi_db, autocommit=True) as owner:
+            owner.execute("SELECT lo_unlink(%s)", (lo,))
+    assert_no_phi(hop.snapshot())
+
+
+NOTICE_STATEMENTS = [
+    "SET client_min_messages = debug5",
+    "SET debug_print_plan = on",
+    "SET debug_print_parse = on",
+    "SET trace_notify = on",
+    "ANALYZE VERBOSE patients",
+    "VACUUM VERBOSE patients",
+    "DROP TABLE IF EXISTS no_such_table",
+    "DO $$BEGIN RAISE NOTICE '%', (SELECT ssn FROM patients LIMIT 1); END$$",
+    "SELECT id FROM patients WHERE ssn = '900-55-1234'",
+    "SELECT ssn FROM patients",
+    "UPDATE contacts SET email = email",
+    "BEGIN",
+    "SET CONSTRAINTS ALL IMMEDIATE",
+    "COMMIT",
+    "LISTEN anything",
+    "SELECT pg_notify('anything', ssn) FROM patients",
+    "NOTIFY anything, '900-55-1234'",
+    "CREATE TEMP TABLE scratch AS SELECT id FROM patients",
+    "CREATE TEMP TABLE scratch2 AS SELECT ssn FROM patients",
+    "CREATE UNIQUE INDEX ON scratch2 (ssn)",
+    "INSERT INTO scratch2 VALUES ('900-55-1234')",
+    "CREATE TEMP TABLE scratch3 AS SELECT ssn FROM patients UNION ALL SELECT ssn FROM patients",
+    "CREATE UNIQUE INDEX ON scratch3 (ssn)",
+    "CREATE TEMP TABLE scratch4 (s text)",
+    "INSERT INTO scratch4 SELECT ssn FROM patients",
+    "ALTER TABLE scratch4 ADD PRIMARY KEY (s)",
+    "INSERT INTO scratch4 SELECT ssn FROM patients",
+    "CREATE INDEX ON patients ((ssn::int))",
+    "ALTER TABLE patients ALTER ssn TYPE int USING ssn::int",
+    "CREATE MATERIALIZED VIEW ssn_numbers AS SELECT ssn::int FROM patients",
+    "ALTER TABLE scratch4 ALTER s TYPE int USING s::int",
+    "DROP INDEX IF EXISTS no_such_index",
+    "DROP VIEW IF EXISTS no_such_view",
+    "CREATE INDEX ON scratch (id)",
+    "REINDEX TABLE patients",
+    "SELECT 1",
+]
+
+
+def test_notices_in_a_chatty_session_never_leak(approving_proxy: ProxyThread) -> None:
+    """With every notice level sent to the client and every hold approved, what the statements
+    print (ANALYZE and VACUUM VERBOSE, skipped DROPs, RAISE, index builds, deferred checks)
+    must carry no seeded value."""
+    with (
+        CaptureHop(approving_proxy.host, approving_proxy.port) as hop,
+        psycopg.connect(dsn_for(hop), autocommit=True) as conn,
+    ):
+        for sql in NOTICE_STATEMENTS:
+            with contextlib.suppress(psycopg.Error):
+                conn.execute(sql, prepare=False)
+        assert conn.execute("SELECT 40 + 2").fetchone() == (42,)
+        assert_no_phi(hop.snapshot())
