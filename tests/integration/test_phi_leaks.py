@@ -365,6 +365,16 @@ COPY_VARIANTS = [
     "COPY (SELECT * FROM patient_view) TO STDOUT (FORMAT csv, HEADER)",
     "COPY (SELECT id, 'é' || mrn FROM patients) TO STDOUT",
     "COPY (SELECT ssn FROM patients UNION ALL SELECT ssn FROM cards) TO STDOUT",
+    "COPY (UPDATE contacts SET id = id RETURNING email) TO STDOUT",
+    "COPY (DELETE FROM contacts WHERE id < 0 RETURNING email) TO STDOUT",
+    "COPY (WITH x AS (SELECT ssn FROM patients) SELECT * FROM x) TO STDOUT",
+    "COPY (VALUES ((SELECT ssn FROM patients LIMIT 1))) TO STDOUT",
+    "COPY (TABLE patients) TO STDOUT (FORMAT csv, HEADER true)",
+    "COPY (SELECT p FROM patients p) TO STDOUT",
+    "COPY (SELECT ROW(ssn, id) FROM patients) TO STDOUT (FORMAT csv)",
+    "COPY (SELECT ARRAY[ssn] FROM patients) TO STDOUT",
+    "COPY births_1961 TO STDOUT",
+    "COPY births_other TO STDOUT (FORMAT csv)",
 ]
 
 
@@ -376,6 +386,28 @@ def test_copy_option_variants_never_leak(approving_proxy: ProxyThread, sql: str)
                 for _ in copy:
                     pass
             assert conn.execute("SELECT 7").fetchone() == (7,)
+        assert_no_phi(hop.snapshot())
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "COPY (SELECT ssn FROM patients) TO STDOUT; COPY (SELECT mrn, id FROM patients) TO STDOUT",
+        "SELECT 1; COPY patients TO STDOUT (FORMAT csv, HEADER); SELECT ssn FROM patients",
+        "COPY (SELECT id FROM patients) TO STDOUT (HEADER); COPY cards TO STDOUT (FORMAT csv)",
+        "COPY badges TO STDOUT; COPY patients TO STDOUT",
+    ],
+)
+def test_copies_in_one_query_message_never_leak(approving_proxy: ProxyThread, sql: str) -> None:
+    with CaptureHop(approving_proxy.host, approving_proxy.port) as hop:
+        raw = RawConn(hop.host, hop.port, timeout=20)
+        try:
+            raw.send(startup_packet({"user": "triage-bot", "database": DB}))
+            raw.login("triage-bot", "s3cret")
+            raw.query(sql)
+            assert raw.query("SELECT 40 + 2")[-1][0] == b"Z"
+        finally:
+            raw.close()
         assert_no_phi(hop.snapshot())
 
 
