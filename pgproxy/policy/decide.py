@@ -205,7 +205,12 @@ class LineageResult:
                 return CopyPlan(
                     RowPlan(block="binary COPY of tagged data cannot be masked"), "binary"
                 )
-            return CopyPlan(RowPlan(rewriters, tuple(masks)), self.copy_format, self.copy_header)
+            return CopyPlan(
+                RowPlan(rewriters, tuple(masks)),
+                self.copy_format,
+                self.copy_header,
+                len(self.columns),
+            )
         except Exception:
             return CopyPlan(RowPlan(block=INTERNAL_ERROR))
 
@@ -749,8 +754,9 @@ class PolicyEngine:
         if node.query is not None:
             d = self._traced(node.query, klass)
         else:
-            cols = ", ".join(_quote(a) for a in _names(node.attlist)) or "*"
             rel = node.relation
+            names = _names(node.attlist) or self._copied_columns(rel)
+            cols = ", ".join(_quote(a) for a in names) or "*"
             name = (
                 f"{_quote(rel.schemaname)}.{_quote(rel.relname)}"
                 if rel.schemaname
@@ -771,6 +777,16 @@ class PolicyEngine:
             d.action, d.hold_class = Action.HOLD, "bulk_export"
             d.reasons = [*d.reasons, "COPY of tagged data is a bulk export"]
         return d
+
+    def _copied_columns(self, rv: Any) -> list[str]:
+        """The columns ``COPY rel TO`` writes: every column but the generated ones, which
+        ``SELECT *`` would include. A generated column that reads no other column is not
+        known as generated here; the relay then sees more columns planned than the
+        CopyOutResponse announces and blocks. Unknown relation: [] (``*``)."""
+        rel = self.catalog.relation(rv.schemaname, rv.relname or "", self.search_path)
+        if rel is None:
+            return []
+        return [col.name for col in rel.columns if not col.generated_from]
 
     def _copy_from(self, c: Classified, klass: str) -> _Decision:
         node = c.node
@@ -981,12 +997,19 @@ def _safe_fingerprint(sql: str) -> str:
         return ""
 
 
+#: Statement classes that evaluate expressions over stored rows the lineage does not trace
+#: (an index build, ALTER … TYPE … USING, ADD CONSTRAINT): their errors quote those rows.
+_UNTRACED_CLASSES = frozenset({"ddl", "maintenance", "call", "do"})
+
+
 def scrub_error(fields: dict[str, str], verdict: Verdict | None) -> dict[str, str]:
-    """Error/notice fields to forward: pass-through unless the statement touched tagged data
-    (or is unknown); then only severity and SQLSTATE, with a generic message and hint."""
+    """Error/notice fields to forward: pass-through unless the statement touched tagged data,
+    ran expressions over stored rows untraced (DDL) or is unknown; then only severity and
+    SQLSTATE, with a generic message and hint."""
     touches = (
         verdict is None
         or bool(verdict.tags)
+        or not _UNTRACED_CLASSES.isdisjoint(verdict.statement_class.split(";"))
         or (verdict.result is not None and verdict.result.scrub_diagnostics)
     )
     if not touches:

@@ -141,12 +141,15 @@ class CopyPlan:
     """What to do with the rows of a COPY … TO STDOUT (one CopyData message per row).
 
     ``rows`` rewrites cells by column ordinal as for DataRows (text-format values);
-    ``format`` is "text", "csv" or "binary"; with ``header`` the first row is column names.
+    ``format`` is "text", "csv" or "binary"; with ``header`` the first row is column names;
+    ``columns`` is how many columns the plan was made for (None: not known), which the
+    CopyOutResponse must announce before any cell is rewritten by ordinal.
     """
 
     rows: RowPlan = PASS_ROWS
     format: str = "text"
     header: bool = False
+    columns: int | None = None
 
 
 PASS_COPY = CopyPlan()

@@ -1097,9 +1097,15 @@ class Relay:
                 cp = verdict.result.copy_plan(head.index)
             except Exception:
                 cp = CopyPlan(RowPlan(block="result withheld: internal policy error"))
-            binary = m.CopyOutResponse.decode(memoryview(raw)[5:]).overall_format == 1
-            if cp.rows.block or (binary and cp.rows.rewriters):
-                self._stop(head, _plan_error(cp.rows.block or "binary COPY cannot be masked"))
+            out = m.CopyOutResponse.decode(memoryview(raw)[5:])
+            block = cp.rows.block
+            if not block and cp.rows.rewriters:
+                if out.overall_format == 1:
+                    block = "binary COPY cannot be masked"
+                elif cp.columns is not None and len(out.column_formats) != cp.columns:
+                    block = "the COPY does not have the columns the policy analysed"
+            if block:
+                self._stop(head, _plan_error(block))
                 return
             if cp.rows.rewriters:
                 head.copy = cp

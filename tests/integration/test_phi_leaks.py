@@ -47,6 +47,7 @@ tags:
   public.patients.email: email
   public.patients.mrn: mrn
   public.cards.ssn: ssn
+  public.badges.ssn: ssn
   public.births.dob: dob
   public.contacts.email: email
 approvals:
@@ -83,6 +84,10 @@ def phi_db(pg_cluster: object, pg_dsn: str) -> Iterator[str]:
             "CREATE TABLE cards (id int, ssn text, ssn_copy text GENERATED ALWAYS AS (ssn || '')"
             " STORED)"
         )
+        conn.execute(
+            "CREATE TABLE badges (id int, label text GENERATED ALWAYS AS ('badge') STORED,"
+            " ssn text)"
+        )
         conn.execute("CREATE TABLE births (id int, dob date) PARTITION BY RANGE (dob)")
         conn.execute(
             "CREATE TABLE births_1961 PARTITION OF births"
@@ -93,6 +98,7 @@ def phi_db(pg_cluster: object, pg_dsn: str) -> Iterator[str]:
             conn.execute("INSERT INTO patients VALUES (%s,%s,%s,%s,%s,%s,%s, 3)", row)
         conn.execute("INSERT INTO births SELECT id, dob FROM patients")
         conn.execute("INSERT INTO cards (id, ssn) SELECT id, ssn FROM patients")
+        conn.execute("INSERT INTO badges (id, ssn) SELECT id, ssn FROM patients")
         conn.execute("CREATE VIEW patient_view AS SELECT id, ssn, first_name FROM patients")
         conn.execute("CREATE VIEW born_early AS SELECT id FROM patients WHERE dob < '1970-01-01'")
         conn.execute("CREATE VIEW born_late AS SELECT id FROM patients WHERE dob >= '1970-01-01'")
@@ -205,7 +211,7 @@ def test_simple_query_never_leaks(hop: CaptureHop, sql: str) -> None:
             pass
         # the session is still usable whatever happened
         assert conn.execute("SELECT 40 + 2").fetchone() == (42,)
-    assert_no_phi(hop.snapshot())
+        assert_no_phi(hop.snapshot())
 
 
 def test_direct_projection_is_masked_not_blocked(hop: CaptureHop) -> None:
@@ -330,6 +336,102 @@ def test_approved_copy_out_is_still_masked(approving_proxy: ProxyThread, sql: st
         assert b"1961-01-01" in data  # dates kept to the year, in the column's type
 
 
+COPY_VARIANTS = [
+    # COPY of a table leaves out its generated columns: the cells are not where SELECT * has them
+    "COPY badges TO STDOUT",
+    "COPY badges TO STDOUT (FORMAT csv)",
+    "COPY cards TO STDOUT",
+    "COPY patients TO STDOUT (FORMAT 'CSV')",
+    "COPY patients TO STDOUT WITH CSV HEADER",
+    "COPY patients TO STDOUT WITH CSV HEADER QUOTE '\"' FORCE QUOTE *",
+    "COPY patients TO STDOUT (HEADER)",
+    "COPY patients TO STDOUT (FORMAT csv, HEADER 1)",
+    "COPY patients TO STDOUT (FORMAT csv, HEADER 0)",
+    "COPY patients TO STDOUT (FORMAT csv, HEADER 'on')",
+    "COPY patients TO STDOUT (FORMAT csv, HEADER false)",
+    "COPY patients TO STDOUT (FORMAT csv, DELIMITER '-')",
+    "COPY patients TO STDOUT (FORMAT csv, QUOTE '9')",
+    "COPY patients TO STDOUT (FORMAT csv, ESCAPE '9')",
+    "COPY patients TO STDOUT (NULL '900-55-1234')",
+    "COPY patients TO STDOUT (FORMAT csv, FORCE_QUOTE *)",
+    "COPY patients TO STDOUT (FORMAT csv, ENCODING 'UTF8')",
+    "COPY patients TO STDOUT (ENCODING 'LATIN1')",
+    "COPY patients TO STDOUT (DELIMITER E'\\x01')",
+    "COPY patients TO STDOUT BINARY",
+    "COPY patients (ssn, id) TO STDOUT",
+    'COPY patients ("ssn") TO STDOUT (FORMAT csv)',
+    "COPY (SELECT ssn || E'\\t,\"\\n\\\\' || first_name, ssn FROM patients) TO STDOUT",
+    "COPY (SELECT ssn || E'\\t,\"\\n\\\\' || first_name, ssn FROM patients) TO STDOUT (FORMAT csv)",
+    "COPY (SELECT * FROM patient_view) TO STDOUT (FORMAT csv, HEADER)",
+    "COPY (SELECT id, 'é' || mrn FROM patients) TO STDOUT",
+    "COPY (SELECT ssn FROM patients UNION ALL SELECT ssn FROM cards) TO STDOUT",
+    "COPY (UPDATE contacts SET id = id RETURNING email) TO STDOUT",
+    "COPY (DELETE FROM contacts WHERE id < 0 RETURNING email) TO STDOUT",
+    "COPY (WITH x AS (SELECT ssn FROM patients) SELECT * FROM x) TO STDOUT",
+    "COPY (VALUES ((SELECT ssn FROM patients LIMIT 1))) TO STDOUT",
+    "COPY (TABLE patients) TO STDOUT (FORMAT csv, HEADER true)",
+    "COPY (SELECT p FROM patients p) TO STDOUT",
+    "COPY (SELECT ROW(ssn, id) FROM patients) TO STDOUT (FORMAT csv)",
+    "COPY (SELECT ARRAY[ssn] FROM patients) TO STDOUT",
+    "COPY births_1961 TO STDOUT",
+    "COPY births_other TO STDOUT (FORMAT csv)",
+]
+
+
+@pytest.mark.parametrize("sql", COPY_VARIANTS)
+def test_copy_option_variants_never_leak(approving_proxy: ProxyThread, sql: str) -> None:
+    with CaptureHop(approving_proxy.host, approving_proxy.port) as hop:
+        with psycopg.connect(dsn_for(hop), autocommit=True) as conn:
+            with contextlib.suppress(psycopg.Error), conn.cursor() as cur, cur.copy(sql) as copy:
+                for _ in copy:
+                    pass
+            assert conn.execute("SELECT 7").fetchone() == (7,)
+        assert_no_phi(hop.snapshot())
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "COPY (SELECT ssn FROM patients) TO STDOUT; COPY (SELECT mrn, id FROM patients) TO STDOUT",
+        "SELECT 1; COPY patients TO STDOUT (FORMAT csv, HEADER); SELECT ssn FROM patients",
+        "COPY (SELECT id FROM patients) TO STDOUT (HEADER); COPY cards TO STDOUT (FORMAT csv)",
+        "COPY badges TO STDOUT; COPY patients TO STDOUT",
+    ],
+)
+def test_copies_in_one_query_message_never_leak(approving_proxy: ProxyThread, sql: str) -> None:
+    with CaptureHop(approving_proxy.host, approving_proxy.port) as hop:
+        raw = RawConn(hop.host, hop.port, timeout=20)
+        try:
+            raw.send(startup_packet({"user": "triage-bot", "database": DB}))
+            raw.login("triage-bot", "s3cret")
+            raw.query(sql)
+            assert raw.query("SELECT 40 + 2")[-1][0] == b"Z"
+        finally:
+            raw.close()
+        assert_no_phi(hop.snapshot())
+
+
+def test_copy_of_a_table_with_generated_columns_masks_the_right_cells(
+    approving_proxy: ProxyThread,
+) -> None:
+    with CaptureHop(approving_proxy.host, approving_proxy.port) as hop:
+        with psycopg.connect(dsn_for(hop), autocommit=True) as conn:
+            with conn.cursor() as cur, cur.copy("COPY cards TO STDOUT") as copy:
+                data = b"".join(bytes(chunk) for chunk in copy)
+            assert [row.split(b"\t")[0] for row in data.splitlines()] == [b"1", b"2"]
+            # a generated column that reads no other column is not known as generated: the
+            # COPY announces fewer columns than planned and is refused
+            with (
+                pytest.raises(psycopg.errors.InsufficientPrivilege),
+                conn.cursor() as cur,
+                cur.copy("COPY badges TO STDOUT") as copy,
+            ):
+                for _ in copy:
+                    pass
+            assert conn.execute("SELECT 7").fetchone() == (7,)
+        assert_no_phi(hop.snapshot())
+
+
 def test_binary_copy_of_tagged_data_is_blocked(approving_proxy: ProxyThread) -> None:
     with CaptureHop(approving_proxy.host, approving_proxy.port) as hop:
         with (
@@ -374,7 +476,7 @@ def test_a_column_position_is_decided_on_its_own(hop: CaptureHop) -> None:
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             conn.execute("SELECT id, ssn FROM patients ORDER BY 2").fetchall()
         assert conn.execute("SELECT 40 + 2").fetchone() == (42,)
-    assert_no_phi(hop.snapshot())
+        assert_no_phi(hop.snapshot())
 
 
 def _outcome(conn: psycopg.Connection[tuple[object, ...]], sql: str) -> str:
@@ -927,3 +1029,103 @@ def test_names_longer_than_the_server_keeps_are_one_name(hop: CaptureHop) -> Non
     finally:
         raw.close()
     assert_no_phi(hop.snapshot())
+
+
+# ------------------------------------------------------------- function calls and notices
+
+
+def _function_call(oid: int, *args: bytes) -> bytes:
+    body = struct.pack("!ihh", oid, 1, 0) + struct.pack("!h", len(args))
+    body += b"".join(struct.pack("!i", len(a)) + a for a in args)
+    return message(b"F", body + struct.pack("!h", 0))
+
+
+def test_function_calls_by_oid_never_leak(hop: CaptureHop, phi_db: str) -> None:
+    """The FunctionCall message names a function by OID: a built-in that reads stored data by
+    OID or path is refused as it is in SQL, an allowlisted one runs, and the session goes on."""
+    with psycopg.connect(phi_db, autocommit=True) as owner:
+        lo = owner.execute(
+            "SELECT lo_from_bytea(0, convert_to(%s, 'UTF8'))::int8", (PATIENTS[0][3],)
+        ).fetchall()[0][0]
+
+        def oid(signature: str) -> int:
+            return int(owner.execute("SELECT %s::regprocedure::oid", (signature,)).fetchall()[0][0])
+
+        refused = [
+            _function_call(oid("lo_get(oid)"), str(lo).encode()),
+            _function_call(oid("loread(integer,integer)"), b"0", b"100"),
+            _function_call(oid("lo_export(oid,text)"), str(lo).encode(), b"lo.out"),
+            _function_call(oid("pg_read_file(text)"), b"PG_VERSION"),
+            _function_call(oid("pg_read_binary_file(text)"), b"PG_VERSION"),
+            _function_call(oid("pg_stat_get_activity(integer)"), b"0"),
+        ]
+        allowed = _function_call(oid("current_setting(text)"), b"server_version")
+    raw = _raw(hop)
+    try:
+        for call in refused:
+            raw.send(call)
+            tags = [tag for tag, _ in raw.read_until_ready()]
+            assert tags == [b"E", b"Z"]
+        raw.send(allowed)
+        assert [tag for tag, _ in raw.read_until_ready()] == [b"V", b"Z"]
+        assert raw.query("SELECT 40 + 2")[-1][0] == b"Z"
+    finally:
+        raw.close()
+        with psycopg.connect(phi_db, autocommit=True) as owner:
+            owner.execute("SELECT lo_unlink(%s)", (lo,))
+    assert_no_phi(hop.snapshot())
+
+
+NOTICE_STATEMENTS = [
+    "SET client_min_messages = debug5",
+    "SET debug_print_plan = on",
+    "SET debug_print_parse = on",
+    "SET trace_notify = on",
+    "ANALYZE VERBOSE patients",
+    "VACUUM VERBOSE patients",
+    "DROP TABLE IF EXISTS no_such_table",
+    "DO $$BEGIN RAISE NOTICE '%', (SELECT ssn FROM patients LIMIT 1); END$$",
+    "SELECT id FROM patients WHERE ssn = '900-55-1234'",
+    "SELECT ssn FROM patients",
+    "UPDATE contacts SET email = email",
+    "BEGIN",
+    "SET CONSTRAINTS ALL IMMEDIATE",
+    "COMMIT",
+    "LISTEN anything",
+    "SELECT pg_notify('anything', ssn) FROM patients",
+    "NOTIFY anything, '900-55-1234'",
+    "CREATE TEMP TABLE scratch AS SELECT id FROM patients",
+    "CREATE TEMP TABLE scratch2 AS SELECT ssn FROM patients",
+    "CREATE UNIQUE INDEX ON scratch2 (ssn)",
+    "INSERT INTO scratch2 VALUES ('900-55-1234')",
+    "CREATE TEMP TABLE scratch3 AS SELECT ssn FROM patients UNION ALL SELECT ssn FROM patients",
+    "CREATE UNIQUE INDEX ON scratch3 (ssn)",
+    "CREATE TEMP TABLE scratch4 (s text)",
+    "INSERT INTO scratch4 SELECT ssn FROM patients",
+    "ALTER TABLE scratch4 ADD PRIMARY KEY (s)",
+    "INSERT INTO scratch4 SELECT ssn FROM patients",
+    "CREATE INDEX ON patients ((ssn::int))",
+    "ALTER TABLE patients ALTER ssn TYPE int USING ssn::int",
+    "CREATE MATERIALIZED VIEW ssn_numbers AS SELECT ssn::int FROM patients",
+    "ALTER TABLE scratch4 ALTER s TYPE int USING s::int",
+    "DROP INDEX IF EXISTS no_such_index",
+    "DROP VIEW IF EXISTS no_such_view",
+    "CREATE INDEX ON scratch (id)",
+    "REINDEX TABLE patients",
+    "SELECT 1",
+]
+
+
+def test_notices_in_a_chatty_session_never_leak(approving_proxy: ProxyThread) -> None:
+    """With every notice level sent to the client and every hold approved, what the statements
+    print (ANALYZE and VACUUM VERBOSE, skipped DROPs, RAISE, index builds, deferred checks)
+    must carry no seeded value."""
+    with (
+        CaptureHop(approving_proxy.host, approving_proxy.port) as hop,
+        psycopg.connect(dsn_for(hop), autocommit=True) as conn,
+    ):
+        for sql in NOTICE_STATEMENTS:
+            with contextlib.suppress(psycopg.Error):
+                conn.execute(sql, prepare=False)
+        assert conn.execute("SELECT 40 + 2").fetchone() == (42,)
+        assert_no_phi(hop.snapshot())

@@ -510,6 +510,17 @@ def test_scrub_error_without_a_verdict_scrubs() -> None:
     assert "D" not in scrub_error(ERROR, None)
 
 
+@pytest.mark.parametrize(
+    "sql",
+    ["CREATE INDEX ON patients ((ssn::int))", "CREATE UNIQUE INDEX ON scratch (note)"],
+)
+def test_scrub_error_of_ddl_which_evaluates_stored_rows(sql: str) -> None:
+    # an index build or ALTER … USING quotes the rows it fails on; the lineage never saw them
+    v = engine().statement(sql, CTX)
+    assert not v.tags
+    assert all("000-12-3456" not in value for value in scrub_error(ERROR, v).values())
+
+
 def test_scrub_error_passes_untagged_errors() -> None:
     v = engine().statement("SELECT note::int FROM scratch", CTX)
     assert v.admits
