@@ -45,6 +45,8 @@ class Column:
     typmod: int = -1
     #: for a generated column, the attnums its expression reads
     generated_from: frozenset[int] = frozenset()
+    #: a generated column (``COPY rel TO`` leaves it out), even one that reads no column
+    generated: bool = False
 
 
 @dataclass(frozen=True, slots=True)

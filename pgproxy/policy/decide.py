@@ -780,13 +780,13 @@ class PolicyEngine:
 
     def _copied_columns(self, rv: Any) -> list[str]:
         """The columns ``COPY rel TO`` writes: every column but the generated ones, which
-        ``SELECT *`` would include. A generated column that reads no other column is not
-        known as generated here; the relay then sees more columns planned than the
-        CopyOutResponse announces and blocks. Unknown relation: [] (``*``)."""
+        ``SELECT *`` would include. (Should the catalog not know a column as generated, the
+        relay sees more columns planned than the CopyOutResponse announces and blocks.)
+        Unknown relation: [] (``*``)."""
         rel = self.catalog.relation(rv.schemaname, rv.relname or "", self.search_path)
         if rel is None:
             return []
-        return [col.name for col in rel.columns if not col.generated_from]
+        return [col.name for col in rel.columns if not (col.generated or col.generated_from)]
 
     def _copy_from(self, c: Classified, klass: str) -> _Decision:
         node = c.node

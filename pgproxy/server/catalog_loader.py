@@ -149,7 +149,9 @@ def build_catalog(
         for i, c in enumerate(cols):
             if c.attnum == attnum:
                 cols[i] = replace(
-                    c, generated_from=frozenset(names.values()) if reads is None else reads
+                    c,
+                    generated_from=frozenset(names.values()) if reads is None else reads,
+                    generated=True,
                 )
     keys: dict[int, frozenset[int]] = {}
     for row in part_rows:

@@ -419,15 +419,11 @@ def test_copy_of_a_table_with_generated_columns_masks_the_right_cells(
             with conn.cursor() as cur, cur.copy("COPY cards TO STDOUT") as copy:
                 data = b"".join(bytes(chunk) for chunk in copy)
             assert [row.split(b"\t")[0] for row in data.splitlines()] == [b"1", b"2"]
-            # a generated column that reads no other column is not known as generated: the
-            # COPY announces fewer columns than planned and is refused
-            with (
-                pytest.raises(psycopg.errors.InsufficientPrivilege),
-                conn.cursor() as cur,
-                cur.copy("COPY badges TO STDOUT") as copy,
-            ):
-                for _ in copy:
-                    pass
+            # a generated column that reads no other column is left out too
+            with conn.cursor() as cur, cur.copy("COPY badges TO STDOUT") as copy:
+                badges = b"".join(bytes(chunk) for chunk in copy)
+            rows = [row.split(b"\t") for row in badges.splitlines()]
+            assert [len(r) for r in rows] == [2, 2] and [r[0] for r in rows] == [b"1", b"2"]
             assert conn.execute("SELECT 7").fetchone() == (7,)
         assert_no_phi(hop.snapshot())
 
