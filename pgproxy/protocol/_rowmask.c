@@ -89,6 +89,18 @@ static inline int32_t get32(const unsigned char *p)
                      (uint32_t)p[3]);
 }
 
+/* The length word of the cell at buf[pos]: NULL when it fits before `end`, else the error. */
+static inline const char *cell_length(const unsigned char *buf, Py_ssize_t pos, Py_ssize_t end,
+                                      int32_t *len)
+{
+    if (end - pos < 4)
+        return SHORT;
+    *len = get32(buf + pos);
+    if (*len < -1 || (*len > 0 && *len > end - pos - 4))
+        return INVALID;
+    return NULL;
+}
+
 static int sb_put(sbuf *b, const void *src, Py_ssize_t n)
 {
     if (sb_reserve(b, n) < 0)
@@ -375,28 +387,15 @@ static PyObject *rewrite_rows(PyObject *self, PyObject *const *args, Py_ssize_t 
             const action_t *a = &acts[k];
             if (a->ordinal >= ncols)
                 break;
+            int32_t len;
             while (col < a->ordinal) { /* untouched columns: copied with the next segment */
-                if (end - pos < 4) {
-                    error = SHORT;
+                if ((error = cell_length(buf, pos, end, &len)) != NULL)
                     goto fail;
-                }
-                int32_t len = get32(buf + pos);
-                if (len < -1 || (len > 0 && len > end - pos - 4)) {
-                    error = INVALID;
-                    goto fail;
-                }
                 pos += 4 + (len > 0 ? len : 0);
                 col++;
             }
-            if (end - pos < 4) {
-                error = SHORT;
+            if ((error = cell_length(buf, pos, end, &len)) != NULL)
                 goto fail;
-            }
-            int32_t len = get32(buf + pos);
-            if (len < -1 || (len > 0 && len > end - pos - 4)) {
-                error = INVALID;
-                goto fail;
-            }
             Py_ssize_t nxt = pos + 4 + (len > 0 ? len : 0);
             if (sb_put(&b, buf + seg, pos - seg) < 0)
                 goto fail;

@@ -379,7 +379,7 @@ class ClientSession:
         client_t = cast(asyncio.Transport, self.writer.transport)
         server_t = cast(asyncio.Transport, self.upstream.writer.transport)
         self._transports = (client_t, server_t)
-        self._paused = ({"": False}, {"": False})
+        self._paused = ({}, {})
         early = (_take_buffered(self.reader), _take_buffered(self.upstream.reader))
         client_t.set_protocol(_Side(self, client=True))
         server_t.set_protocol(_Side(self, client=False))
@@ -656,7 +656,7 @@ class ClientSession:
             estimated = await self._estimate(ev.sql)
             if estimated is None or limit is None or estimated <= limit:
                 relay.release(True, run_as_decided=True)
-                await self._flush_after_release()
+                self._process_guarded()
                 return HoldOutcome(True, "")
             ev = dataclasses.replace(
                 ev,
@@ -693,7 +693,7 @@ class ClientSession:
         relay.release(
             outcome.approved, outcome.message, bulk=ev.verdict.hold_class == "bulk_export"
         )
-        await self._flush_after_release()
+        self._process_guarded()
         return outcome
 
     async def _estimate(self, sql: str) -> int | None:
@@ -704,9 +704,6 @@ class ClientSession:
             return await estimate(sql)
         except Exception:
             return None  # the row limit at run time still applies
-
-    async def _flush_after_release(self) -> None:
-        self._process_guarded()
 
     def _process_guarded(self) -> None:
         """``_process`` outside a transport callback: a failure ends the session."""

@@ -544,11 +544,14 @@ def test_move_does_not_count_a_held_cursor(hop: CaptureHop) -> None:
     assert_no_phi(hop.snapshot())
 
 
-def _write_outcomes(hop: CaptureHop, template: str) -> list[str]:
-    """The command tag or SQLSTATE of ``template`` for a right and a wrong SSN, rolled back."""
+def _write_outcomes(
+    hop: CaptureHop, template: str, guesses: tuple[str, str] = ("900-55-1234", "900-00-0000")
+) -> list[str]:
+    """The command tag or SQLSTATE of ``template`` for a right and a wrong guess (by default
+    of patient 1's SSN), rolled back."""
     out = []
     with psycopg.connect(dsn_for(hop)) as conn:
-        for guess in ("900-55-1234", "900-00-0000"):
+        for guess in guesses:
             cur = conn.cursor()
             try:
                 cur.execute(template.format(guess=guess))
@@ -608,17 +611,11 @@ def test_a_view_does_not_say_which_rows_its_tagged_condition_keeps(hop: CaptureH
 
 def test_a_not_null_column_does_not_test_a_guess(hop: CaptureHop) -> None:
     """first_name is NOT NULL: nullif makes the NULL exactly when the guess is right."""
-    out = []
-    with psycopg.connect(dsn_for(hop)) as conn:
-        for guess in ("Quixanthe", "Nobody"):
-            sql = f"UPDATE patients SET first_name = nullif(first_name, '{guess}') WHERE id = 1"
-            cur = conn.cursor()
-            try:
-                cur.execute(sql)
-                out.append(str(cur.statusmessage))
-            except psycopg.Error as exc:
-                out.append(f"error {exc.sqlstate}")
-            conn.rollback()
+    out = _write_outcomes(
+        hop,
+        "UPDATE patients SET first_name = nullif(first_name, '{guess}') WHERE id = 1",
+        ("Quixanthe", "Nobody"),
+    )
     assert out[0] == out[1]
     assert_no_phi(hop.snapshot())
 
