@@ -46,6 +46,7 @@ from pgproxy.protocol import codes
 from pgproxy.protocol import messages as m
 from pgproxy.protocol.copyrows import rewrite_row
 from pgproxy.protocol.errors import PeerProtocolError
+from pgproxy.protocol.fastlane import plain_result, query_text
 from pgproxy.protocol.framing import FrameBuffer, Frames
 from pgproxy.protocol.rowmask import rewrite_rows
 
@@ -316,6 +317,10 @@ class Relay:
         self._poison_before_sync = False
         #: statements the planner estimated under the limit (bounded)
         self._estimated: dict[str, None] = {}
+        self.max_message_size = max_message_size
+        self._query_ctx = self._ctx("query")
+        #: the fast lane's statement in flight: (statement id, verdict); see ``fast_query``
+        self._lane: tuple[int, Verdict] | None = None
 
     # ----------------------------------------------------------------------- client side
 
@@ -326,6 +331,8 @@ class Relay:
 
     def client_data(self, data: bytes) -> None:
         """Bytes from the agent."""
+        if self._lane is not None:
+            self._adopt_lane()
         self.stats.bytes_from_client += len(data)
         if self._held is not None or self._gate is not None:
             self._deferred += data
@@ -837,10 +844,86 @@ class Relay:
         except PeerProtocolError as exc:
             self._violation(exc.message, exc.sqlstate, by_client=True)
 
+    # --------------------------------------------------------------------------- fast lane
+
+    @property
+    def lane_open(self) -> bool:
+        """A fast-lane statement is waiting for its answer (give it to ``fast_result``)."""
+        return self._lane is not None
+
+    def fast_query(self, data: bytes) -> tuple[int, Verdict, float] | None:
+        """The commonest exchange in one step (see ``pgproxy.protocol.fastlane``): when nothing
+        else is going on and ``data`` is exactly one Query that the policy lets through as is
+        (no result policy, no hold, no SQL-level names, no DDL), account for it and return
+        (statement id, verdict, decision seconds). The caller sends ``data`` upstream itself
+        and gets no events for it; ``fast_result`` ends it. None: nothing was done, give the
+        bytes to ``client_data``."""
+        if (
+            self._lane is not None
+            or self._pending
+            or self._held is not None
+            or self._gate is not None
+            or self._client_skip_to_sync
+            or self._poison_before_sync
+            or self._ungate
+            or self.closed
+            or self._deferred
+            or len(self._client)
+            or len(self._server)
+        ):
+            return None
+        sql = query_text(data, self.max_message_size)
+        if sql is None:
+            return None
+        clock = self._clock
+        t0 = clock() if clock is not None else 0.0
+        try:
+            verdict = self.policy.statement(sql, self._query_ctx)
+        except Exception:  # the general path decides again and fails closed
+            return None
+        if verdict.action is not Action.ALLOW or verdict.result is not None:
+            return None
+        if not _fast_class(verdict.statement_class) or verdict.hold_class is not None:
+            return None
+        sid = next(self._ids)
+        stats = self.stats
+        stats.statements += 1
+        stats.bytes_from_client += len(data)
+        self._lane = (sid, verdict)
+        return sid, verdict, (clock() - t0 if clock is not None else 0.0)
+
+    def fast_result(self, data: bytes) -> tuple[int, Verdict, int] | None:
+        """The fast lane's statement is answered: when ``data`` is exactly its whole plain
+        answer, end it and return (statement id, verdict, rows); the caller sends ``data`` to
+        the client itself. None: the statement joined the general path, which must be given
+        ``data`` (``server_data``)."""
+        lane = self._lane
+        if lane is None:
+            return None
+        answer = plain_result(data, self.max_message_size)
+        if answer is None:
+            self._adopt_lane()
+            return None
+        rows, status = answer
+        self._lane = None
+        self.transaction_status = _STATUS.get(status) or bytes((status,))
+        self.stats.bytes_to_client += len(data)
+        return lane[0], lane[1], rows
+
+    def _adopt_lane(self) -> None:
+        """Something other than the plain answer came: the general path takes the statement
+        over, exactly as if it had sent it."""
+        lane = self._lane
+        assert lane is not None
+        self._lane = None
+        self._pending.append(_Pending(_QUERY, lane[1], lane[0]))
+
     # ----------------------------------------------------------------------- server side
 
     def server_data(self, data: bytes) -> None:
         """Bytes from Postgres (may queue client messages that were waiting into to_server)."""
+        if self._lane is not None:
+            self._adopt_lane()
         try:
             chunk, frames = self._server.feed(data)
             if frames:
@@ -1382,6 +1465,23 @@ _UNBOUND = Verdict(
     ("the portal or statement was not prepared through the extended protocol",),
     message="statement blocked: execute only what was prepared with Parse and Bind",
 )
+
+
+#: statement classes the fast lane may carry: their general path, when allowed with no result
+#: policy, is "forward as is, record when answered" (DDL, COPY and SQL-level names need more)
+_FAST_CLASSES = frozenset({"select", "insert", "update", "delete", "merge", "transaction"})
+_FAST_CLASS: dict[str, bool] = {}
+_STATUS = {ord("I"): b"I", ord("T"): b"T", ord("E"): b"E"}
+
+
+def _fast_class(statement_class: str) -> bool:
+    """Whether every statement of a (``;``-joined) class is one the fast lane may carry."""
+    hit = _FAST_CLASS.get(statement_class)
+    if hit is None:
+        hit = _FAST_CLASSES.issuperset(statement_class.split(";"))
+        if len(_FAST_CLASS) < 4096:
+            _FAST_CLASS[statement_class] = hit
+    return hit
 
 
 def _row_limit(verdict: Verdict) -> int | None:

@@ -413,6 +413,16 @@ class ClientSession:
         relay = self.relay
         assert relay is not None
         try:
+            if not self._unqueued:
+                lane = relay.fast_query(data)
+                if lane is not None:  # sent as is, before any bookkeeping
+                    self._transports[1].write(data)
+                    sid, verdict, decision_seconds = lane
+                    self._stmt_started[sid] = datetime.now(UTC)
+                    metrics = self.proxy.metrics
+                    metrics.count_statement(verdict.action.value)
+                    metrics.decision_seconds.observe(decision_seconds)
+                    return
             relay.client_data(data)
             self._process()
             if relay.holding and len(relay._deferred) > MAX_DEFERRED:
@@ -429,6 +439,19 @@ class ClientSession:
         relay = self.relay
         assert relay is not None
         try:
+            if relay.lane_open:
+                done = relay.fast_result(data)
+                if done is not None:  # the whole plain answer: sent as is, then recorded
+                    self._transports[0].write(data)
+                    sid, verdict, rows = done
+                    now = datetime.now(UTC)
+                    started = self._stmt_started.pop(sid, now)
+                    self.proxy.metrics.query_seconds.observe((now - started).total_seconds())
+                    record = self._record(sid, verdict, started, now, rows, "")
+                    if not self.proxy.audit.offer(record):
+                        self._unqueued.append(record)  # the audit queue is full
+                        self._process()
+                    return
             relay.server_data(data)
             self._process()
         except Exception as exc:
@@ -466,7 +489,7 @@ class ClientSession:
         assert relay is not None
         if self._settle_task is not None:
             return
-        if relay.events and not self._events_now():
+        if (relay.events or self._unqueued) and not self._events_now():
             self._set_paused(client=True, reason="settle", paused=True)
             self._set_paused(client=False, reason="settle", paused=True)
             self._settle_task = asyncio.get_running_loop().create_task(self._settle())
