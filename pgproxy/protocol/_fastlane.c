@@ -9,8 +9,14 @@
  *     messages followed by one ReadyForQuery (length 5) that ends `data`: the number of
  *     DataRows and the transaction status byte
  *
- * Both must answer exactly as fastlane._query_text_py / _plain_result_py do for any bytes;
- * tests/protocol/test_fastlane.py checks that with hypothesis.
+ * plain_execute(data, max_size, described) -> (rows, status, body_start, body_end) | None
+ *     when `data` is exactly BindComplete, [RowDescription or NoData when `described`],
+ *     DataRows, one CommandComplete or EmptyQueryResponse, one ReadyForQuery (length 5) that
+ *     ends `data`: the DataRows, the status byte and where the RowDescription's body lies in
+ *     `data` (-1, -1 without one)
+ *
+ * All must answer exactly as fastlane's _query_text_py / _plain_result_py / _plain_execute_py
+ * do for any bytes; tests/protocol/test_fastlane.py checks that with hypothesis.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -94,11 +100,70 @@ static PyObject *plain_result(PyObject *self, PyObject *const *args, Py_ssize_t 
     Py_RETURN_NONE;
 }
 
+static PyObject *plain_execute(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    const unsigned char *buf;
+    Py_ssize_t n;
+    long long max_size;
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "plain_execute() takes exactly 3 arguments");
+        return NULL;
+    }
+    if (parse_args(args, 2, "plain_execute", &buf, &n, &max_size) < 0)
+        return NULL;
+    int described = PyObject_IsTrue(args[2]);
+    if (described < 0)
+        return NULL;
+    Py_ssize_t pos = 0;
+    long long rows = 0;
+    long long body_start = -1, body_end = -1;
+    int stage = 0; /* 0: BindComplete, 1: the Describe's answer, 2: rows, 3: ready */
+    while (n - pos >= 5) {
+        unsigned char tag = buf[pos];
+        long long length = be32(buf + pos + 1);
+        long long end = (long long)pos + 1 + length;
+        if (length < 4 || length > max_size || end > (long long)n)
+            Py_RETURN_NONE;
+        if (stage == 0) {
+            if (tag != '2')
+                Py_RETURN_NONE;
+            stage = described ? 1 : 2;
+        }
+        else if (stage == 1) {
+            if (tag == 'T') {
+                body_start = (long long)pos + 5;
+                body_end = end;
+            }
+            else if (tag != 'n') {
+                Py_RETURN_NONE;
+            }
+            stage = 2;
+        }
+        else if (stage == 2) {
+            if (tag == 'D')
+                rows++;
+            else if (tag == 'C' || tag == 'I')
+                stage = 3;
+            else
+                Py_RETURN_NONE;
+        }
+        else {
+            if (tag != 'Z' || length != 5 || end != (long long)n)
+                Py_RETURN_NONE;
+            return Py_BuildValue("(LiLL)", rows, (int)buf[pos + 5], body_start, body_end);
+        }
+        pos = (Py_ssize_t)end;
+    }
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"query_text", (PyCFunction)(void (*)(void))query_text, METH_FASTCALL,
      "The SQL of exactly one well-formed Query message, else None."},
     {"plain_result", (PyCFunction)(void (*)(void))plain_result, METH_FASTCALL,
      "(DataRows, status) of exactly one plain simple-Query answer, else None."},
+    {"plain_execute", (PyCFunction)(void (*)(void))plain_execute, METH_FASTCALL,
+     "(DataRows, status, RowDescription body span) of exactly one plain Execute answer."},
     {NULL, NULL, 0, NULL},
 };
 

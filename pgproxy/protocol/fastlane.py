@@ -1,11 +1,12 @@
-"""Recognising the relay's commonest exchange in one step: one simple Query, answered in one read.
+"""Recognising the relay's commonest exchanges in one step, answered in one read.
 
-Most statements an agent sends are one Query message, allowed as is, whose whole answer
-(RowDescription, DataRows, CommandComplete, ReadyForQuery) arrives in one read. ``Relay``'s
-fast lane (``Relay.fast_query`` / ``Relay.fast_result``) handles that exchange without framing
-each message into its bookkeeping; these two functions say whether the bytes have exactly that
-shape. Anything else (a partial message, an error, a notice, a parameter change, a second
-request) returns None, and the relay's general path takes the bytes instead.
+Most statements an agent sends are one Query message, or one Bind/[Describe]/Execute/Sync of a
+prepared statement, allowed as is, whose whole answer (BindComplete, RowDescription, DataRows,
+CommandComplete, ReadyForQuery) arrives in one read. ``Relay``'s fast lane
+(``Relay.fast_query`` / ``Relay.fast_result``) handles such an exchange without framing each
+message into its bookkeeping; the functions here say whether bytes have exactly that shape.
+Anything else (a partial message, an error, a notice, a parameter change, a second request)
+returns None, and the relay's general path takes the bytes instead.
 
 Both exist twice: compiled in ``_fastlane.c`` (built by ``pip install``; used when importable)
 and the ``_py`` functions below, which are the reference and the fallback. The tests check with
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-_Q, _T, _D, _C, _I, _Z = (ord(c) for c in "QTDCIZ")
+_Q, _T, _D, _C, _I, _Z, _BIND_COMPLETE, _NO_DATA = (ord(c) for c in "QTDCIZ2n")
 
 
 def _query_text_py(data: bytes, max_size: int) -> str | None:
@@ -58,9 +59,53 @@ def _plain_result_py(data: bytes, max_size: int) -> tuple[int, int] | None:
     return None
 
 
+def _plain_execute_py(
+    data: bytes, max_size: int, described: bool
+) -> tuple[int, int, int, int] | None:
+    """The answer to Bind, [Describe portal], Execute (no row limit), Sync when ``data`` is
+    exactly BindComplete, then RowDescription or NoData when ``described``, DataRows, one
+    CommandComplete or EmptyQueryResponse and one ReadyForQuery ending ``data``: (DataRows,
+    status byte, start and end of the RowDescription's body in ``data``, or -1, -1)."""
+    n = len(data)
+    pos = 0
+    rows = 0
+    stage = 0  # 0: BindComplete, 1: the Describe's answer, 2: rows until completion, 3: ready
+    body = (-1, -1)
+    while n - pos >= 5:
+        tag = data[pos]
+        length = int.from_bytes(data[pos + 1 : pos + 5])
+        end = pos + 1 + length
+        if length < 4 or length > max_size or end > n:
+            return None
+        if stage == 0:
+            if tag != _BIND_COMPLETE:
+                return None
+            stage = 1 if described else 2
+        elif stage == 1:
+            if tag == _T:
+                body = (pos + 5, end)
+            elif tag != _NO_DATA:
+                return None
+            stage = 2
+        elif stage == 2:
+            if tag == _D:
+                rows += 1
+            elif tag in (_C, _I):
+                stage = 3
+            else:
+                return None
+        else:
+            if tag != _Z or length != 5 or end != n:
+                return None
+            return rows, data[pos + 5], body[0], body[1]
+        pos = end
+    return None
+
+
 query_text: Callable[[bytes, int], str | None]
 plain_result: Callable[[bytes, int], tuple[int, int] | None]
+plain_execute: Callable[[bytes, int, bool], tuple[int, int, int, int] | None]
 try:
-    from pgproxy.protocol._fastlane import plain_result, query_text
+    from pgproxy.protocol._fastlane import plain_execute, plain_result, query_text
 except ImportError:  # no compiler at install time: the reference twins
-    query_text, plain_result = _query_text_py, _plain_result_py
+    query_text, plain_result, plain_execute = _query_text_py, _plain_result_py, _plain_execute_py

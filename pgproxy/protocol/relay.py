@@ -46,7 +46,7 @@ from pgproxy.protocol import codes
 from pgproxy.protocol import messages as m
 from pgproxy.protocol.copyrows import rewrite_row
 from pgproxy.protocol.errors import PeerProtocolError
-from pgproxy.protocol.fastlane import plain_result, query_text
+from pgproxy.protocol.fastlane import plain_execute, plain_result, query_text
 from pgproxy.protocol.framing import FrameBuffer, Frames
 from pgproxy.protocol.rowmask import rewrite_rows
 
@@ -319,8 +319,10 @@ class Relay:
         self._estimated: dict[str, None] = {}
         self.max_message_size = max_message_size
         self._query_ctx = self._ctx("query")
-        #: the fast lane's statement in flight: (statement id, verdict); see ``fast_query``
-        self._lane: tuple[int, Verdict] | None = None
+        self._execute_ctx = self._ctx("execute")
+        #: the fast lane's statement in flight: (statement id, verdict, the unnamed portal it
+        #: bound or None for a Query); see ``fast_query``
+        self._lane: tuple[int, Verdict, _Portal | None] | None = None
 
     # ----------------------------------------------------------------------- client side
 
@@ -852,12 +854,14 @@ class Relay:
         return self._lane is not None
 
     def fast_query(self, data: bytes) -> tuple[int, Verdict, float] | None:
-        """The commonest exchange in one step (see ``pgproxy.protocol.fastlane``): when nothing
-        else is going on and ``data`` is exactly one Query that the policy lets through as is
-        (no result policy, no hold, no SQL-level names, no DDL), account for it and return
-        (statement id, verdict, decision seconds). The caller sends ``data`` upstream itself
-        and gets no events for it; ``fast_result`` ends it. None: nothing was done, give the
-        bytes to ``client_data``."""
+        """The commonest exchanges in one step (see ``pgproxy.protocol.fastlane``): when
+        nothing else is going on and ``data`` is exactly one Query, or one Bind of a prepared
+        statement to the unnamed portal with [Describe portal,] Execute (no row limit) and
+        Sync, that the policy lets through as is (no result policy, no hold, no SQL-level
+        names, no DDL), account for it as the general path would and return (statement id,
+        verdict, decision seconds). The caller sends ``data`` upstream itself and gets no
+        events for it; ``fast_result`` ends it. None: nothing was done, give the bytes to
+        ``client_data``."""
         if (
             self._lane is not None
             or self._pending
@@ -870,8 +874,16 @@ class Relay:
             or self._deferred
             or len(self._client)
             or len(self._server)
+            or not data
         ):
             return None
+        if data[0] == F_QUERY:
+            return self._fast_simple(data)
+        if data[0] == F_BIND:
+            return self._fast_execute(data)
+        return None
+
+    def _fast_simple(self, data: bytes) -> tuple[int, Verdict, float] | None:
         sql = query_text(data, self.max_message_size)
         if sql is None:
             return None
@@ -881,16 +893,51 @@ class Relay:
             verdict = self.policy.statement(sql, self._query_ctx)
         except Exception:  # the general path decides again and fails closed
             return None
-        if verdict.action is not Action.ALLOW or verdict.result is not None:
+        if not _lane_verdict(verdict):
             return None
-        if not _fast_class(verdict.statement_class) or verdict.hold_class is not None:
+        sid = self._lane_open(data, verdict, None)
+        return sid, verdict, (clock() - t0 if clock is not None else 0.0)
+
+    def _fast_execute(self, data: bytes) -> tuple[int, Verdict, float] | None:
+        n = len(data)
+        if data.endswith(_LANE_DESCRIBE_EXECUTE_SYNC):
+            bind_end, described = n - len(_LANE_DESCRIBE_EXECUTE_SYNC), True
+        elif data.endswith(_LANE_EXECUTE_SYNC):
+            bind_end, described = n - len(_LANE_EXECUTE_SYNC), False
+        else:
             return None
+        length = int.from_bytes(data[1:5])
+        if length != bind_end - 1 or length < 4 or length > self.max_message_size:
+            return None
+        body = data[5:bind_end]
+        second = body.find(b"\x00", 1)
+        if not body or body[0] != 0 or second < 0:  # a named portal: the general path
+            return None
+        try:
+            name = body[1:second].decode()
+        except UnicodeDecodeError:
+            return None
+        stmt = self._statements.get(_server_name(name) if len(name) > 15 else name)
+        if stmt is None or stmt.state != _MADE or not _lane_verdict(stmt.verdict):
+            return None
+        try:
+            checked = self.policy.revalidate(stmt.sql, stmt.verdict, self._execute_ctx)
+        except Exception:
+            return None
+        if checked is not stmt.verdict:  # decided again: the general path records that
+            return None
+        portal = _Portal(stmt, body, segment=self._syncs, described=described)
+        self._portals[""] = portal
+        self._syncs += 1
+        return self._lane_open(data, checked, portal), checked, 0.0
+
+    def _lane_open(self, data: bytes, verdict: Verdict, portal: _Portal | None) -> int:
         sid = next(self._ids)
         stats = self.stats
         stats.statements += 1
         stats.bytes_from_client += len(data)
-        self._lane = (sid, verdict)
-        return sid, verdict, (clock() - t0 if clock is not None else 0.0)
+        self._lane = (sid, verdict, portal)
+        return sid
 
     def fast_result(self, data: bytes) -> tuple[int, Verdict, int] | None:
         """The fast lane's statement is answered: when ``data`` is exactly its whole plain
@@ -900,23 +947,49 @@ class Relay:
         lane = self._lane
         if lane is None:
             return None
-        answer = plain_result(data, self.max_message_size)
-        if answer is None:
-            self._adopt_lane()
-            return None
-        rows, status = answer
+        sid, verdict, portal = lane
+        if portal is None:
+            answer = plain_result(data, self.max_message_size)
+            if answer is None:
+                self._adopt_lane()
+                return None
+            rows, status = answer
+        else:
+            executed = plain_execute(data, self.max_message_size, portal.described)
+            if executed is None:
+                self._adopt_lane()
+                return None
+            rows, status, body_start, body_end = executed
+            # what BindComplete, the Describe's answer and CommandComplete tell the general path
+            portal.state = _MADE
+            if portal.described:
+                if body_start >= 0:
+                    portal.fields, portal.fields_raw = None, data[body_start:body_end]
+                else:
+                    portal.fields = ()
+            portal.rows += rows
         self._lane = None
         self.transaction_status = _STATUS.get(status) or bytes((status,))
         self.stats.bytes_to_client += len(data)
-        return lane[0], lane[1], rows
+        return sid, verdict, rows
 
     def _adopt_lane(self) -> None:
         """Something other than the plain answer came: the general path takes the statement
-        over, exactly as if it had sent it."""
+        over, with the requests in flight it would have queued for the client's messages."""
         lane = self._lane
         assert lane is not None
         self._lane = None
-        self._pending.append(_Pending(_QUERY, lane[1], lane[0]))
+        sid, verdict, portal = lane
+        pending = self._pending
+        if portal is None:
+            pending.append(_Pending(_QUERY, verdict, sid))
+            return
+        pending.append(_Pending(_BIND, made=portal))
+        if portal.described:
+            pending.append(_Pending(_DESCRIBE, describe_kind=b"P", portal=portal))
+        sql = portal.statement.sql if portal.statement is not None else ""
+        pending.append(_Pending(_EXECUTE, verdict, sid, portal=portal, sql=sql))
+        pending.append(_Pending(_SYNC))
 
     # ----------------------------------------------------------------------- server side
 
@@ -1472,6 +1545,22 @@ _UNBOUND = Verdict(
 _FAST_CLASSES = frozenset({"select", "insert", "update", "delete", "merge", "transaction"})
 _FAST_CLASS: dict[str, bool] = {}
 _STATUS = {ord("I"): b"I", ord("T"): b"T", ord("E"): b"E"}
+
+
+def _lane_verdict(verdict: Verdict) -> bool:
+    """Whether the general path would forward the statement and its answer as they are."""
+    return (
+        verdict.action is Action.ALLOW
+        and verdict.result is None
+        and verdict.hold_class is None
+        and _fast_class(verdict.statement_class)
+    )
+
+
+#: what follows the Bind in the fast lane's extended exchange: [Describe portal "",] Execute
+#: "" with no row limit, Sync
+_LANE_EXECUTE_SYNC = m.Execute("", 0).encode() + m.Sync().encode()
+_LANE_DESCRIBE_EXECUTE_SYNC = m.Describe(b"P", "").encode() + _LANE_EXECUTE_SYNC
 
 
 def _fast_class(statement_class: str) -> bool:
