@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pgproxy.policy import shape
 from pgproxy.policy.shape import key
 
 TEMPLATES = (
@@ -71,3 +72,19 @@ def test_keys_are_equal_exactly_when_the_small_integers_are(
         if "{" + f + "}" in template
     )
     assert (key(a) == key(b)) is same
+
+
+#: pieces that spell (or nearly spell) the position clauses, in every case and with the
+#: Unicode letters that case-fold onto ASCII ones (the long s, the Kelvin sign, dotted I)
+_PIECES = st.sampled_from(
+    ["order", "ORDER", "OrDeR", "ord", "er", "group", "GROUP", "grOUP", "distinct", "DISTINCT",
+     "di", "\u017f", "tinct", "\u212a", "\u0130", "\u0131", " ", "_", "1", "x", "\u00e9"]
+)  # fmt: skip
+_WORDY = st.lists(_PIECES | st.characters(), max_size=12).map("".join)
+
+
+@given(_WORDY)
+@settings(max_examples=500, deadline=None)
+def test_the_position_check_answers_as_the_case_insensitive_search(sql: str) -> None:
+    # the key keeps small integers exactly where the slower regular expression would
+    assert shape._reads_positions(sql) == (shape._POSITIONS.search(sql) is not None)
