@@ -9,8 +9,9 @@
  *     messages followed by one ReadyForQuery (length 5) that ends `data`: the number of
  *     DataRows and the transaction status byte
  *
- * plain_execute(data, max_size, described) -> (rows, status, body_start, body_end) | None
- *     when `data` is exactly BindComplete, [RowDescription or NoData when `described`],
+ * plain_execute(data, max_size, parsed, described) -> (rows, status, body_start, body_end) | None
+ *     when `data` is exactly [ParseComplete when `parsed`], BindComplete, [RowDescription or
+ *     NoData when `described`],
  *     DataRows, one CommandComplete or EmptyQueryResponse, one ReadyForQuery (length 5) that
  *     ends `data`: the DataRows, the status byte and where the RowDescription's body lies in
  *     `data` (-1, -1 without one)
@@ -105,19 +106,23 @@ static PyObject *plain_execute(PyObject *self, PyObject *const *args, Py_ssize_t
     const unsigned char *buf;
     Py_ssize_t n;
     long long max_size;
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "plain_execute() takes exactly 3 arguments");
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "plain_execute() takes exactly 4 arguments");
         return NULL;
     }
     if (parse_args(args, 2, "plain_execute", &buf, &n, &max_size) < 0)
         return NULL;
-    int described = PyObject_IsTrue(args[2]);
+    int parsed = PyObject_IsTrue(args[2]);
+    if (parsed < 0)
+        return NULL;
+    int described = PyObject_IsTrue(args[3]);
     if (described < 0)
         return NULL;
     Py_ssize_t pos = 0;
     long long rows = 0;
     long long body_start = -1, body_end = -1;
-    int stage = 0; /* 0: BindComplete, 1: the Describe's answer, 2: rows, 3: ready */
+    /* 0: ParseComplete, 1: BindComplete, 2: the Describe's answer, 3: rows, 4: ready */
+    int stage = parsed ? 0 : 1;
     while (n - pos >= 5) {
         unsigned char tag = buf[pos];
         long long length = be32(buf + pos + 1);
@@ -125,11 +130,16 @@ static PyObject *plain_execute(PyObject *self, PyObject *const *args, Py_ssize_t
         if (length < 4 || length > max_size || end > (long long)n)
             Py_RETURN_NONE;
         if (stage == 0) {
-            if (tag != '2')
+            if (tag != '1')
                 Py_RETURN_NONE;
-            stage = described ? 1 : 2;
+            stage = 1;
         }
         else if (stage == 1) {
+            if (tag != '2')
+                Py_RETURN_NONE;
+            stage = described ? 2 : 3;
+        }
+        else if (stage == 2) {
             if (tag == 'T') {
                 body_start = (long long)pos + 5;
                 body_end = end;
@@ -137,13 +147,13 @@ static PyObject *plain_execute(PyObject *self, PyObject *const *args, Py_ssize_t
             else if (tag != 'n') {
                 Py_RETURN_NONE;
             }
-            stage = 2;
+            stage = 3;
         }
-        else if (stage == 2) {
+        else if (stage == 3) {
             if (tag == 'D')
                 rows++;
             else if (tag == 'C' || tag == 'I')
-                stage = 3;
+                stage = 4;
             else
                 Py_RETURN_NONE;
         }

@@ -1,7 +1,7 @@
 """Recognising the relay's commonest exchanges in one step, answered in one read.
 
-Most statements an agent sends are one Query message, or one Bind/[Describe]/Execute/Sync of a
-prepared statement, allowed as is, whose whole answer (BindComplete, RowDescription, DataRows,
+Most statements an agent sends are one Query message, or one [Parse]/Bind/[Describe]/Execute/
+Sync, allowed as is, whose whole answer (ParseComplete, BindComplete, RowDescription, DataRows,
 CommandComplete, ReadyForQuery) arrives in one read. ``Relay``'s fast lane
 (``Relay.fast_query`` / ``Relay.fast_result``) handles such an exchange without framing each
 message into its bookkeeping; the functions here say whether bytes have exactly that shape.
@@ -17,7 +17,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-_Q, _T, _D, _C, _I, _Z, _BIND_COMPLETE, _NO_DATA = (ord(c) for c in "QTDCIZ2n")
+_Q, _T, _D, _C, _I, _Z = (ord(c) for c in "QTDCIZ")
+_PARSE_COMPLETE, _BIND_COMPLETE, _NO_DATA = (ord(c) for c in "12n")
 
 
 def _query_text_py(data: bytes, max_size: int) -> str | None:
@@ -60,16 +61,19 @@ def _plain_result_py(data: bytes, max_size: int) -> tuple[int, int] | None:
 
 
 def _plain_execute_py(
-    data: bytes, max_size: int, described: bool
+    data: bytes, max_size: int, parsed: bool, described: bool
 ) -> tuple[int, int, int, int] | None:
-    """The answer to Bind, [Describe portal], Execute (no row limit), Sync when ``data`` is
-    exactly BindComplete, then RowDescription or NoData when ``described``, DataRows, one
-    CommandComplete or EmptyQueryResponse and one ReadyForQuery ending ``data``: (DataRows,
-    status byte, start and end of the RowDescription's body in ``data``, or -1, -1)."""
+    """The answer to [Parse,] Bind, [Describe portal,] Execute (no row limit), Sync when
+    ``data`` is exactly ParseComplete when ``parsed``, BindComplete, RowDescription or NoData
+    when ``described``, DataRows, one CommandComplete or EmptyQueryResponse and one
+    ReadyForQuery ending ``data``: (DataRows, status byte, start and end of the
+    RowDescription's body in ``data``, or -1, -1)."""
     n = len(data)
     pos = 0
     rows = 0
-    stage = 0  # 0: BindComplete, 1: the Describe's answer, 2: rows until completion, 3: ready
+    # 0: ParseComplete, 1: BindComplete, 2: the Describe's answer, 3: rows until the
+    # completion, 4: ReadyForQuery
+    stage = 0 if parsed else 1
     body = (-1, -1)
     while n - pos >= 5:
         tag = data[pos]
@@ -78,20 +82,24 @@ def _plain_execute_py(
         if length < 4 or length > max_size or end > n:
             return None
         if stage == 0:
+            if tag != _PARSE_COMPLETE:
+                return None
+            stage = 1
+        elif stage == 1:
             if tag != _BIND_COMPLETE:
                 return None
-            stage = 1 if described else 2
-        elif stage == 1:
+            stage = 2 if described else 3
+        elif stage == 2:
             if tag == _T:
                 body = (pos + 5, end)
             elif tag != _NO_DATA:
                 return None
-            stage = 2
-        elif stage == 2:
+            stage = 3
+        elif stage == 3:
             if tag == _D:
                 rows += 1
             elif tag in (_C, _I):
-                stage = 3
+                stage = 4
             else:
                 return None
         else:
@@ -104,7 +112,7 @@ def _plain_execute_py(
 
 query_text: Callable[[bytes, int], str | None]
 plain_result: Callable[[bytes, int], tuple[int, int] | None]
-plain_execute: Callable[[bytes, int, bool], tuple[int, int, int, int] | None]
+plain_execute: Callable[[bytes, int, bool, bool], tuple[int, int, int, int] | None]
 try:
     from pgproxy.protocol._fastlane import plain_execute, plain_result, query_text
 except ImportError:  # no compiler at install time: the reference twins

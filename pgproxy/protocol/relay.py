@@ -321,8 +321,8 @@ class Relay:
         self._query_ctx = self._ctx("query")
         self._execute_ctx = self._ctx("execute")
         #: the fast lane's statement in flight: (statement id, verdict, the unnamed portal it
-        #: bound or None for a Query); see ``fast_query``
-        self._lane: tuple[int, Verdict, _Portal | None] | None = None
+        #: bound or None for a Query, whether its Parse came with it); see ``fast_query``
+        self._lane: tuple[int, Verdict, _Portal | None, bool] | None = None
 
     # ----------------------------------------------------------------------- client side
 
@@ -855,9 +855,9 @@ class Relay:
 
     def fast_query(self, data: bytes) -> tuple[int, Verdict, float] | None:
         """The commonest exchanges in one step (see ``pgproxy.protocol.fastlane``): when
-        nothing else is going on and ``data`` is exactly one Query, or one Bind of a prepared
-        statement to the unnamed portal with [Describe portal,] Execute (no row limit) and
-        Sync, that the policy lets through as is (no result policy, no hold, no SQL-level
+        nothing else is going on and ``data`` is exactly one Query, or one [Parse of the
+        unnamed statement,] Bind to the unnamed portal, [Describe portal,] Execute (no row
+        limit) and Sync, that the policy lets through as is (no result policy, no hold, no SQL-level
         names, no DDL), account for it as the general path would and return (statement id,
         verdict, decision seconds). The caller sends ``data`` upstream itself and gets no
         events for it; ``fast_result`` ends it. None: nothing was done, give the bytes to
@@ -880,7 +880,9 @@ class Relay:
         if data[0] == F_QUERY:
             return self._fast_simple(data)
         if data[0] == F_BIND:
-            return self._fast_execute(data)
+            return self._fast_execute(data, 0, None, 0.0)
+        if data[0] == F_PARSE:
+            return self._fast_parse_execute(data)
         return None
 
     def _fast_simple(self, data: bytes) -> tuple[int, Verdict, float] | None:
@@ -895,21 +897,51 @@ class Relay:
             return None
         if not _lane_verdict(verdict):
             return None
-        sid = self._lane_open(data, verdict, None)
+        sid = self._lane_open(data, verdict, None, False)
         return sid, verdict, (clock() - t0 if clock is not None else 0.0)
 
-    def _fast_execute(self, data: bytes) -> tuple[int, Verdict, float] | None:
+    def _fast_parse_execute(self, data: bytes) -> tuple[int, Verdict, float] | None:
+        """A Parse of the unnamed statement followed by the Bind/[Describe]/Execute/Sync of
+        ``_fast_execute`` (what most drivers send for a statement with parameters)."""
+        length = int.from_bytes(data[1:5])
+        end = 1 + length
+        if length < 4 or length > self.max_message_size or end >= len(data) or data[5] != 0:
+            return None  # a named statement is prepared once: the general path
+        try:
+            msg = m.Parse.decode(memoryview(data)[5:end])
+        except PeerProtocolError:
+            return None
+        clock = self._clock
+        t0 = clock() if clock is not None else 0.0
+        try:
+            verdict = self.policy.statement(msg.sql, self._ctx("parse", "", msg.param_types))
+        except Exception:
+            return None
+        if not _lane_verdict(verdict):
+            return None
+        stmt = _Statement(msg.sql, verdict, segment=self._syncs)
+        decided_in = clock() - t0 if clock is not None else 0.0
+        return self._fast_execute(data, end, stmt, decided_in)
+
+    def _fast_execute(
+        self, data: bytes, start: int, parsed: _Statement | None, decided_in: float
+    ) -> tuple[int, Verdict, float] | None:
+        """``data[start:]`` is a Bind of a prepared statement (``parsed``: the one the Parse
+        before it makes) to the unnamed portal, [Describe portal,] Execute with no row limit
+        and Sync."""
         n = len(data)
+        if data[start] != F_BIND:
+            return None
         if data.endswith(_LANE_DESCRIBE_EXECUTE_SYNC):
             bind_end, described = n - len(_LANE_DESCRIBE_EXECUTE_SYNC), True
         elif data.endswith(_LANE_EXECUTE_SYNC):
             bind_end, described = n - len(_LANE_EXECUTE_SYNC), False
         else:
             return None
-        length = int.from_bytes(data[1:5])
-        if length != bind_end - 1 or length < 4 or length > self.max_message_size:
+        length = int.from_bytes(data[start + 1 : start + 5])
+        if length != bind_end - start - 1 or length < 4 or length > self.max_message_size:
             return None
-        body = data[5:bind_end]
+        body = data[start + 5 : bind_end]
         second = body.find(b"\x00", 1)
         if not body or body[0] != 0 or second < 0:  # a named portal: the general path
             return None
@@ -917,26 +949,36 @@ class Relay:
             name = body[1:second].decode()
         except UnicodeDecodeError:
             return None
-        stmt = self._statements.get(_server_name(name) if len(name) > 15 else name)
-        if stmt is None or stmt.state != _MADE or not _lane_verdict(stmt.verdict):
-            return None
+        if parsed is not None:
+            if name:
+                return None
+            stmt = parsed
+        else:
+            found = self._statements.get(_server_name(name) if len(name) > 15 else name)
+            if found is None or found.state != _MADE or not _lane_verdict(found.verdict):
+                return None
+            stmt = found
         try:
             checked = self.policy.revalidate(stmt.sql, stmt.verdict, self._execute_ctx)
         except Exception:
             return None
         if checked is not stmt.verdict:  # decided again: the general path records that
             return None
+        if parsed is not None:
+            self._statements[""] = parsed
         portal = _Portal(stmt, body, segment=self._syncs, described=described)
         self._portals[""] = portal
         self._syncs += 1
-        return self._lane_open(data, checked, portal), checked, 0.0
+        return self._lane_open(data, checked, portal, parsed is not None), checked, decided_in
 
-    def _lane_open(self, data: bytes, verdict: Verdict, portal: _Portal | None) -> int:
+    def _lane_open(
+        self, data: bytes, verdict: Verdict, portal: _Portal | None, parsed: bool
+    ) -> int:
         sid = next(self._ids)
         stats = self.stats
         stats.statements += 1
         stats.bytes_from_client += len(data)
-        self._lane = (sid, verdict, portal)
+        self._lane = (sid, verdict, portal, parsed)
         return sid
 
     def fast_result(self, data: bytes) -> tuple[int, Verdict, int] | None:
@@ -947,7 +989,7 @@ class Relay:
         lane = self._lane
         if lane is None:
             return None
-        sid, verdict, portal = lane
+        sid, verdict, portal, parsed = lane
         if portal is None:
             answer = plain_result(data, self.max_message_size)
             if answer is None:
@@ -955,12 +997,15 @@ class Relay:
                 return None
             rows, status = answer
         else:
-            executed = plain_execute(data, self.max_message_size, portal.described)
+            executed = plain_execute(data, self.max_message_size, parsed, portal.described)
             if executed is None:
                 self._adopt_lane()
                 return None
             rows, status, body_start, body_end = executed
-            # what BindComplete, the Describe's answer and CommandComplete tell the general path
+            # what ParseComplete, BindComplete, the Describe's answer and CommandComplete tell
+            # the general path
+            if parsed and portal.statement is not None:
+                portal.statement.state = _MADE
             portal.state = _MADE
             if portal.described:
                 if body_start >= 0:
@@ -979,11 +1024,14 @@ class Relay:
         lane = self._lane
         assert lane is not None
         self._lane = None
-        sid, verdict, portal = lane
+        sid, verdict, portal, parsed = lane
         pending = self._pending
         if portal is None:
             pending.append(_Pending(_QUERY, verdict, sid))
             return
+        if parsed:
+            stmt = portal.statement
+            pending.append(_Pending(_PARSE, verdict, statement=stmt, made=stmt))
         pending.append(_Pending(_BIND, made=portal))
         if portal.described:
             pending.append(_Pending(_DESCRIBE, describe_kind=b"P", portal=portal))
