@@ -436,7 +436,8 @@ class Driver:
         trace.to_server.append(up)
         trace.to_client.append(down)
         trace.events.append(events)
-        trace.states.append((relay.transaction_status, relay.stats, relay.closed, relay.holding))
+        state = (relay.transaction_status, replace(relay.stats), relay.closed, relay.holding)
+        trace.states.append(state)
         return up, down
 
 
