@@ -872,6 +872,8 @@ class Relay:
             or self._ungate
             or self.closed
             or self._deferred
+            or self.to_server
+            or self.to_client
             or len(self._client)
             or len(self._server)
             or not data
@@ -1615,7 +1617,9 @@ def _fast_class(statement_class: str) -> bool:
     """Whether every statement of a (``;``-joined) class is one the fast lane may carry."""
     hit = _FAST_CLASS.get(statement_class)
     if hit is None:
-        hit = _FAST_CLASSES.issuperset(statement_class.split(";"))
+        hit = _FAST_CLASSES.issuperset(statement_class.split(";")) and not _names_sql(
+            statement_class
+        )
         if len(_FAST_CLASS) < 4096:
             _FAST_CLASS[statement_class] = hit
     return hit

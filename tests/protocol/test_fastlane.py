@@ -844,6 +844,10 @@ def test_the_lane_is_closed_while_anything_else_is_going_on() -> None:
     relay.server_data(rows_answer(1)[:4])  # a partial answer is buffered
     assert relay.fast_query(query) is None
     relay.server_data(rows_answer(1)[4:])
+    assert relay.fast_query(query) is None  # what the general path queued is not written yet
+    relay.to_server.clear()
+    assert relay.fast_query(query) is None
+    relay.to_client.clear()
     assert relay.fast_query(query) is not None
     assert relay.fast_result(rows_answer(1)) is not None
     relay.client_data(m.Terminate().encode())
