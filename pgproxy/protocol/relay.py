@@ -854,14 +854,16 @@ class Relay:
         return self._lane is not None
 
     def fast_query(self, data: bytes) -> tuple[int, Verdict, float] | None:
-        """The commonest exchanges in one step (see ``pgproxy.protocol.fastlane``): when
-        nothing else is going on and ``data`` is exactly one Query, or one [Parse of the
+        """The commonest exchanges in one step (see ``pgproxy.protocol.fastlane``).
+
+        When nothing else is going on and ``data`` is exactly one Query, or one [Parse of the
         unnamed statement,] Bind to the unnamed portal, [Describe portal,] Execute (no row
-        limit) and Sync, that the policy lets through as is (no result policy, no hold, no SQL-level
-        names, no DDL), account for it as the general path would and return (statement id,
-        verdict, decision seconds). The caller sends ``data`` upstream itself and gets no
-        events for it; ``fast_result`` ends it. None: nothing was done, give the bytes to
-        ``client_data``."""
+        limit) and Sync, that the policy lets through as is (no result policy, no hold, no
+        SQL-level names, no DDL): account for it as the general path would and return
+        (statement id, verdict, decision seconds). The caller sends ``data`` upstream itself
+        and gets no events for it; ``fast_result`` ends it. None: nothing was done, give the
+        bytes to ``client_data``. The caller must have written out ``to_server`` and
+        ``to_client`` (the lane stays closed until it has)."""
         if (
             self._lane is not None
             or self._pending
