@@ -20,18 +20,19 @@ Frames = list[tuple[int, int, int]]
 
 
 class FrameBuffer:
-    __slots__ = ("_buf", "max_size")
+    __slots__ = ("buffered", "max_size")
 
     def __init__(self, max_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> None:
-        self._buf = bytearray()
+        #: bytes received but not yet a whole message (read it, never write it)
+        self.buffered = bytearray()
         self.max_size = max_size
 
     def __len__(self) -> int:
-        return len(self._buf)
+        return len(self.buffered)
 
     def feed(self, data: bytes) -> tuple[bytes, Frames]:
         """Add ``data``; return (chunk, frames) for every message now complete."""
-        buf = self._buf
+        buf = self.buffered
         if buf:
             buf += data
             src: bytes | bytearray = buf
@@ -68,6 +69,6 @@ class FrameBuffer:
 
     def take_rest(self) -> bytes:
         """Everything buffered but not yet framed (used when the stream changes hands)."""
-        rest = bytes(self._buf)
-        self._buf.clear()
+        rest = bytes(self.buffered)
+        self.buffered.clear()
         return rest

@@ -876,8 +876,8 @@ class Relay:
             or self._deferred
             or self.to_server
             or self.to_client
-            or len(self._client)
-            or len(self._server)
+            or self._client.buffered
+            or self._server.buffered
             or not data
         ):
             return None
