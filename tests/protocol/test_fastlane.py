@@ -501,6 +501,9 @@ class Trace:
     pending: list[tuple[object, ...] | None] = field(default_factory=list)
     lane_queries: int = 0
     lane_results: int = 0
+    #: lane statements that were extended-protocol exchanges, and those answered in the lane
+    lane_exchanges: int = 0
+    lane_exchange_results: int = 0
 
 
 def _event(ev: object) -> tuple[object, ...]:
@@ -540,13 +543,16 @@ class Driver:
                 up, handled = read.data, True
                 events.append(("admitted", sid, verdict.action.value))
                 trace.lane_queries += 1
+                trace.lane_exchanges += read.data[:1] != b"Q"
         elif read.side == "server" and self.lane and relay.lane_open:
+            extended = relay._lane is not None and relay._lane[2] is not None
             done = relay.fast_result(read.data)
             if done is not None:
                 sid, verdict, rows = done
                 down, handled = read.data, True
                 events.append(("finished", sid, verdict.action.value, rows, ""))
                 trace.lane_results += 1
+                trace.lane_exchange_results += extended
         if not handled:
             if read.side == "client":
                 relay.client_data(read.data)
@@ -1601,17 +1607,85 @@ def test_any_split_of_an_answer(case: tuple[str, bytes], cuts: list[int]) -> Non
     assert lane.lane_queries >= 1  # the last SELECT always takes the lane
 
 
+PREPARED = (prepare("s1", SCRATCH), srv(PARSE_COMPLETE, IDLE))
+
+
+@RELAY_PROPS
+@given(
+    st.sampled_from(
+        [
+            ((), lane_parse_exec(SCRATCH), exec_answer(3, parsed=True)),
+            ((), lane_parse_exec(INSERT, False), exec_answer(0, parsed=True, described=False)),
+            (PREPARED, lane_exec("s1"), exec_answer(2)),
+            (PREPARED, lane_exec("s1", False), exec_answer(2, described=False)),
+            (
+                (),
+                lane_parse_exec(INSERT),
+                PARSE_COMPLETE + BIND_COMPLETE + NO_DATA + complete("INSERT 0 1") + IDLE,
+            ),
+            (
+                (),
+                lane_parse_exec(DIV0_P, True, b"1"),
+                PARSE_COMPLETE + BIND_COMPLETE + RD_N + pg_error("22012", "zero") + IDLE,
+            ),
+            ((), lane_parse_exec(SCRATCH), pg_error("42P01", "no scratch") + IDLE),
+            (PREPARED, lane_exec("s1"), BIND_COMPLETE + notice() + exec_answer(1)[5:]),
+            (PREPARED, lane_exec("s1"), exec_answer(1)[:-6] + NOTIFY + PARAM + IDLE),
+        ]
+    ),
+    st.lists(st.integers(0, 200), max_size=3),
+)
+def test_any_split_of_an_extended_answer(
+    case: tuple[tuple[Read, ...], Read, bytes], cuts: list[int]
+) -> None:
+    before, request, answer = case
+    points = sorted({c % (len(answer) + 1) for c in cuts})
+    pieces = [answer[a:b] for a, b in zip([0, *points], [*points, len(answer)], strict=True)]
+    reads = [*before, request, *(srv(p) for p in pieces), lane_parse_exec(SCRATCH)]
+    reads.append(srv(exec_answer(1, parsed=True)))
+    lane, _ = both(engine, reads)
+    assert lane.lane_queries >= 1  # the last exchange always takes the lane
+
+
 # ------------------------------------------------------------------ random conversations
 
 
+@dataclass
+class SimPortal:
+    """A portal of the simulated server: its statement, and once run, what is left to send."""
+
+    sql: str
+    run: bool = False
+    rows: list[bytes] = field(default_factory=list)
+    tail: bytes = b""
+
+
+#: what the simulated server makes of a statement (besides BEGIN/COMMIT/ROLLBACK): its row
+#: shape (None: no rows), rows, and how it ends (a completion, or an error for True)
+RESULTS: dict[str, tuple[bytes | None, list[bytes], bytes, bool]] = {
+    SCRATCH: (SCRATCH_RD, [data_row(b"0", b"note"), data_row(b"1", b"note")], b"", False),
+    INSERT: (None, [], complete("INSERT 0 1"), False),
+    DIV0: (SCRATCH_RD, [data_row(b"1", b"x")], pg_error("22012", "zero"), True),
+    SSN: (PATIENTS_RD, [data_row(f"123-45-{i:04}".encode()) for i in range(3)], b"", False),
+    IDS: (IDS_RD, [data_row(b"1")], b"", False),
+    DROP: (None, [], notice("dropping") + complete("DROP TABLE"), False),
+    EMPTY_SQL: (None, [], EMPTY, False),
+}
+
+
 class FakeServer:
-    """Answers the Queries the relay sends as a Postgres would, tracking transaction state;
-    its output is handed out in reads of the test's choosing."""
+    """Answers what the relay sends as a Postgres would: Queries, and Parse/Bind/Describe/
+    Execute/Close/Sync with named and unnamed statements and portals, tracking transaction
+    state and skipping to the next Sync after an error in an extended exchange. Its output is
+    handed out in reads of the test's choosing."""
 
     def __init__(self) -> None:
         self.status = b"I"
         self.inbox = b""
         self.outbox = b""
+        self.statements: dict[str, str] = {}
+        self.portals: dict[str, SimPortal] = {}
+        self.skipping = False
 
     def receive(self, data: bytes) -> None:
         self.inbox += data
@@ -1620,9 +1694,19 @@ class FakeServer:
             if len(self.inbox) < 1 + length:
                 return
             msg, self.inbox = self.inbox[: 1 + length], self.inbox[1 + length :]
-            if msg[:1] == b"Q":
-                self.outbox += self.answer(m.Query.decode(memoryview(msg)[5:]).sql)
-            elif msg[:1] not in (b"H", b"X"):
+            tag, body = msg[:1], memoryview(msg)[5:]
+            if tag == b"S":
+                self.skipping = False
+                if self.status == b"I":  # the implicit transaction ends, and its portals
+                    self.portals.clear()
+                self.outbox += self._ready()
+            elif self.skipping or tag in (b"H", b"X"):
+                continue  # an error earlier in the extended exchange: ignored until Sync
+            elif tag == b"Q":
+                self.outbox += self.answer(m.Query.decode(body).sql)
+            elif tag in (b"P", b"B", b"D", b"E", b"C"):
+                self.outbox += self.extended(m.decode_frontend(tag, body))
+            else:
                 raise AssertionError(f"the relay sent {msg[:1]!r}, not simulated")
 
     def _ready(self) -> bytes:
@@ -1633,36 +1717,108 @@ class FakeServer:
             self.status = b"E"
         return error + self._ready()
 
-    def answer(self, sql: str) -> bytes:
-        if self.status == b"E" and sql not in (COMMIT, ROLLBACK):
-            return ABORTED + self._ready()
-        if sql == BLOCKED_SQL:
-            return self._fail(SYNTAX)
+    def _aborted(self, sql: str) -> bool:
+        return self.status == b"E" and sql not in (COMMIT, ROLLBACK)
+
+    def _transaction(self, sql: str) -> bytes | None:
+        """Run BEGIN, COMMIT or ROLLBACK: their completion; None for other statements."""
         if sql == BEGIN:
             self.status = b"T"
-            return complete("BEGIN") + self._ready()
+            return complete("BEGIN")
         if sql in (COMMIT, ROLLBACK):
             tag = "ROLLBACK" if sql == ROLLBACK or self.status == b"E" else "COMMIT"
             self.status = b"I"
-            return complete(tag) + self._ready()
-        if sql == SCRATCH:
-            return rows_answer(2, self._ready())
-        if sql == INSERT:
-            return complete("INSERT 0 1") + self._ready()
+            return complete(tag)
+        return None
+
+    def answer(self, sql: str) -> bytes:
+        if self._aborted(sql):
+            return ABORTED + self._ready()
+        if sql == BLOCKED_SQL:
+            return self._fail(SYNTAX)
+        done = self._transaction(sql)
+        if done is not None:
+            return done + self._ready()
         if sql == TWO:
             one = RD_N + data_row(b"1") + complete("SELECT 1")
             return one + one + self._ready()
-        if sql == DIV0:
-            return SCRATCH_RD + data_row(b"1", b"x") + self._fail(pg_error("22012", "zero"))
-        if sql == SSN:
-            return ssn_answer(3, self._ready())
-        if sql == IDS:
-            return IDS_RD + data_row(b"1") + complete("SELECT 1") + self._ready()
-        if sql == DROP:
-            return notice("dropping") + complete("DROP TABLE") + self._ready()
-        if sql == EMPTY_SQL:
-            return EMPTY + self._ready()
-        raise AssertionError(f"no simulated answer for {sql!r}")
+        if sql not in RESULTS:
+            raise AssertionError(f"no simulated answer for {sql!r}")
+        rd, rows, tail, failed = RESULTS[sql]
+        out = (rd or b"") + b"".join(rows)
+        if failed:
+            return out + self._fail(tail)
+        return out + (tail or complete(f"SELECT {len(rows)}")) + self._ready()
+
+    def _error(self, error: bytes) -> bytes:
+        self.skipping = True
+        if self.status == b"T":
+            self.status = b"E"
+        return error
+
+    def extended(self, msg: m.Message) -> bytes:
+        if isinstance(msg, m.Parse):
+            if not msg.name:
+                self.statements.pop("", None)  # dropped before the new one is parsed
+            if msg.sql in (BLOCKED_SQL, TWO):
+                return self._error(SYNTAX)
+            if self._aborted(msg.sql):
+                return self._error(ABORTED)
+            if msg.name in self.statements:
+                return self._error(pg_error("42P05", "prepared statement already exists"))
+            self.statements[msg.name] = msg.sql
+            return PARSE_COMPLETE
+        if isinstance(msg, m.Bind):
+            sql = self.statements.get(msg.statement)
+            if sql is None:
+                return self._error(NO_STATEMENT)
+            if self._aborted(sql):
+                return self._error(ABORTED)
+            if msg.portal and msg.portal in self.portals:
+                return self._error(pg_error("42P03", "cursor already exists"))
+            self.portals[msg.portal] = SimPortal(sql)
+            return BIND_COMPLETE
+        if isinstance(msg, m.Describe):
+            if msg.kind == b"S":
+                sql = self.statements.get(msg.name)
+                if sql is None:
+                    return self._error(NO_STATEMENT)
+                head = m.ParameterDescription(()).encode()
+            else:
+                portal = self.portals.get(msg.name)
+                if portal is None:
+                    return self._error(NO_PORTAL)
+                sql, head = portal.sql, b""
+            rd = RD_N if sql == TWO else RESULTS.get(sql, (None,))[0]
+            return head + (rd or NO_DATA)
+        if isinstance(msg, m.Execute):
+            portal = self.portals.get(msg.portal)
+            if portal is None:
+                return self._error(NO_PORTAL)
+            if self._aborted(portal.sql):
+                return self._error(ABORTED)
+            if not portal.run:
+                portal.run = True
+                done = self._transaction(portal.sql)
+                if done is not None:
+                    portal.tail = done
+                else:
+                    _rd, rows, tail, failed = RESULTS[portal.sql]
+                    portal.rows = list(rows)
+                    portal.tail = tail or complete(f"SELECT {len(rows)}")
+                    if failed:
+                        del self.portals[msg.portal]
+                        return b"".join(rows) + self._error(tail)
+            limit = msg.max_rows if msg.max_rows > 0 else len(portal.rows)
+            sent, portal.rows = portal.rows[:limit], portal.rows[limit:]
+            if portal.rows:
+                return b"".join(sent) + SUSPENDED
+            tail, portal.tail = portal.tail, complete("SELECT 0")  # run to completion
+            return b"".join(sent) + tail
+        if isinstance(msg, m.Close):
+            (self.statements if msg.kind == b"S" else self.portals).pop(msg.name, None)
+            return CLOSE_COMPLETE
+        raise AssertionError(f"the relay sent {msg!r}, not simulated")
 
 
 REQUESTS = [
@@ -1681,11 +1837,33 @@ REQUESTS = [
     EMPTY_SQL,
 ]
 ASYNC = [notice("async"), PARAM, NOTIFY]
+#: named statements are prepared once each (a second Parse of a name is refused by the server)
+NAMED = {"s_scratch": SCRATCH, "s_insert": INSERT, "s_div0": DIV0, "s_ssn": SSN, "s_drop": DROP}
+EXT_REQUESTS = [
+    *(prepare(name, sql).data for name, sql in NAMED.items()),
+    prepare("s_sleep", SLEEP).data,
+    *(lane_exec(name, described).data for name in NAMED for described in (True, False)),
+    lane_exec("s_scratch").data,
+    lane_exec("s_sleep").data,
+    *(
+        lane_parse_exec(sql, described).data
+        for sql in (SCRATCH, INSERT, DIV0, SSN, IDS, EMPTY_SQL, BEGIN, COMMIT)
+        for described in (True, False)
+    ),
+    lane_parse_exec(SCRATCH).data,
+    # the unnamed portal again (inside a transaction it outlives its Sync), and Close
+    ext(m.Execute("", 0), m.Sync()).data,
+    ext(m.Execute("", 1), m.Sync()).data,
+    ext(m.Describe(b"P", ""), m.Sync()).data,
+    ext(m.Close(b"S", ""), m.Close(b"P", ""), m.Sync()).data,
+]
+ANY_REQUEST = [*(m.Query(sql).encode() for sql in REQUESTS), *EXT_REQUESTS]
 
 client_action = st.one_of(
     st.tuples(st.just("query"), st.sampled_from(REQUESTS)),
-    st.tuples(st.just("query"), st.sampled_from(REQUESTS)),
-    st.tuples(st.just("pipeline"), st.lists(st.sampled_from(REQUESTS), min_size=2, max_size=3)),
+    st.tuples(st.just("send"), st.sampled_from(EXT_REQUESTS)),
+    st.tuples(st.just("send"), st.sampled_from(EXT_REQUESTS)),
+    st.tuples(st.just("pipeline"), st.lists(st.sampled_from(ANY_REQUEST), min_size=2, max_size=3)),
     st.tuples(st.just("decide"), st.booleans()),
 )
 server_action = st.one_of(
@@ -1719,9 +1897,12 @@ def test_random_conversations(script: list[tuple[str, object]]) -> None:
         if kind == "query":
             assert isinstance(arg, str)
             feed(q(arg))
+        elif kind == "send":
+            assert isinstance(arg, bytes)
+            feed(Read("client", arg))
         elif kind == "pipeline":
             assert isinstance(arg, list)
-            feed(Read("client", b"".join(m.Query(s).encode() for s in arg)))
+            feed(Read("client", b"".join(arg)))
         elif kind == "async":
             assert isinstance(arg, bytes)
             server.outbox += arg
@@ -1745,6 +1926,6 @@ def test_random_conversations(script: list[tuple[str, object]]) -> None:
         else:
             break
     assert not server.outbox or lane.relay.closed
-    event(
-        f"lane queries {min(lane.trace.lane_queries, 3)}, results {min(lane.trace.lane_results, 3)}"
-    )
+    t = lane.trace
+    event(f"lane queries {min(t.lane_queries, 3)}, results {min(t.lane_results, 3)}")
+    event(f"extended: {min(t.lane_exchanges, 3)}, answered {min(t.lane_exchange_results, 3)}")
