@@ -475,6 +475,21 @@ FAKE_VERDICTS = {
 }
 
 
+@dataclass
+class Failing(Classes):
+    """A fake policy that raises while deciding "SELECT raise" or revalidating "SELECT reraise"."""
+
+    def statement(self, sql: str, ctx: StatementContext) -> Verdict:
+        if sql == "SELECT raise":
+            raise RuntimeError("a broken policy")
+        return super().statement(sql, ctx)
+
+    def revalidate(self, sql: str, verdict: Verdict, ctx: StatementContext) -> Verdict:
+        if sql == "SELECT reraise":
+            raise RuntimeError("a broken policy")
+        return verdict
+
+
 def fake_policy() -> Classes:
     return Classes(dict(FAKE_VERDICTS))
 
@@ -1461,6 +1476,37 @@ EXT_SCENARIOS = [
         (0, 0),
     ),
     Scenario(
+        "an SQL PREPARE takes over a prepared statement's name",
+        (
+            prepare("s1", SCRATCH),
+            srv(PARSE_COMPLETE, IDLE),
+            lane_exec("s1"),
+            srv(exec_answer(1)),
+            q("DEALLOCATE s1"),
+            srv(complete("DEALLOCATE"), IDLE),
+            q("PREPARE s1 AS SELECT 1"),
+            srv(complete("PREPARE"), IDLE),
+            lane_exec("s1"),
+            srv(BIND_COMPLETE, RD_N, SYNTAX, IDLE),
+        ),
+        (1, 1),
+    ),
+    Scenario(
+        "a policy that fails while deciding or revalidating",
+        (
+            lane_parse_exec("SELECT raise"),
+            srv(PARSE_COMPLETE, BIND_COMPLETE, RD_N, SYNTAX, IDLE),
+            prepare("r", "SELECT reraise"),
+            srv(PARSE_COMPLETE, IDLE),
+            lane_exec("r"),
+            srv(BIND_COMPLETE, RD_N, SYNTAX, IDLE),
+            lane_parse_exec("SELECT fine"),
+            srv(exec_answer(1, parsed=True)),
+        ),
+        (1, 1),
+        lambda: Failing(dict(FAKE_VERDICTS)),
+    ),
+    Scenario(
         "Close of the unnamed statement and portal after a lane exchange",
         (
             lane_parse_exec(SCRATCH),
@@ -1551,6 +1597,59 @@ def test_statements_the_lane_must_not_take() -> None:
         assert relay.fast_query(m.Query(sql).encode()) is None, sql
         assert not relay.lane_open
         assert relay.stats.statements == 0 and relay.stats.bytes_from_client == 0
+
+
+def test_extended_exchanges_the_lane_must_not_take() -> None:
+    """Bind/Execute shapes and statements the lane declines: ``fast_query`` returns None and
+    leaves the relay as it was (its statements, portals, Syncs and counters)."""
+    relay = Relay(engine(), agent="lane-bot", database="clinic", max_message_size=200)
+    prepared = {"s1": SCRATCH, "ssn": SSN, "ids": IDS, "drop": DROP, "sleep": SLEEP}
+    relay.client_data(b"".join(m.Parse(n, sql).encode() for n, sql in prepared.items()))
+    relay.client_data(m.Sync().encode())
+    relay.server_data(PARSE_COMPLETE * 4 + SYNTAX + IDLE)
+    assert relay._statements["s1"].state == 1 and relay._statements["sleep"].state == 2
+    ok = lane_exec("s1").data
+    declined = [
+        lane_exec("ssn").data,  # masked
+        lane_exec("ids").data,  # a result policy
+        lane_exec("drop").data,  # held at Execute
+        lane_exec("sleep").data,  # blocked
+        lane_exec("unknown").data,
+        ext(bind("s1", portal="p"), m.Execute("p", 0), m.Sync()).data,  # a named portal
+        ext(bind("s1", portal="p"), m.Describe(b"P", ""), m.Execute("", 0), m.Sync()).data,
+        ext(bind("s1"), m.Describe(b"P", "p"), m.Execute("", 0), m.Sync()).data,
+        ext(bind("s1"), m.Describe(b"S", "s1"), m.Execute("", 0), m.Sync()).data,
+        ext(bind("s1"), m.Execute("", 1), m.Sync()).data,  # a row limit
+        ext(bind("s1"), m.Execute("", 0)).data,  # no Sync
+        ext(bind("s1"), m.Execute("", 0), m.Flush(), m.Sync()).data,
+        ext(bind("s1"), m.Execute("", 0), m.Sync(), m.Sync()).data,
+        ext(bind("s1"), bind("s1"), m.Execute("", 0), m.Sync()).data,
+        ext(m.Parse("", SCRATCH), m.Sync()).data,
+        ext(m.Parse("", SCRATCH), bind("s1"), m.Execute("", 0), m.Sync()).data,
+        ext(m.Parse("x", SCRATCH), *lane_messages("x", True)).data,  # a named Parse
+        lane_parse_exec(SSN).data,
+        lane_parse_exec(DROP).data,
+        lane_parse_exec(EMPTY_SQL).data,
+        lane_parse_exec("PREPARE p AS SELECT 1").data,
+        lane_exec("s1", True, b"x" * 200).data,  # a Bind over the maximum message size
+        lane_parse_exec("SELECT 1" + " " * 200).data,  # a Parse over it
+        ok[:-1],
+        ok + b"\x00",
+        set_length(ok, len(ok) - 1),  # the Bind's length runs into the Describe
+        b"B\x00\x00\x00\x08\x00\xff\x00" + ok[-21:],  # a statement name not UTF-8
+        m.Describe(b"P", "").encode() + m.Execute("", 0).encode() + m.Sync().encode(),
+    ]
+    for data in declined:
+        before = (named_state(relay, []), replace(relay.stats), bytes(relay.to_server))
+        assert relay.fast_query(data) is None, data
+        assert not relay.lane_open
+        assert (named_state(relay, []), replace(relay.stats), bytes(relay.to_server)) == before
+    assert relay.fast_query(ok) is not None  # and the lane is open to what it takes
+    # a Parse still unanswered: nothing may take the lane until it is
+    relay.server_data(exec_answer(1))
+    relay.client_data(prepare("late", SCRATCH).data)
+    assert relay.fast_query(lane_exec("late").data) is None
+    assert relay.fast_query(ok) is None
 
 
 def test_the_lane_is_closed_while_anything_else_is_going_on() -> None:
