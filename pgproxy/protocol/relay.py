@@ -958,6 +958,7 @@ class Relay:
                 return None
             stmt = parsed
         else:
+            decided_in = self._decided_in  # the general path reports the last decision's time
             found = self._statements.get(_server_name(name) if len(name) > 15 else name)
             if found is None or found.state != _MADE or not _lane_verdict(found.verdict):
                 return None
@@ -979,6 +980,7 @@ class Relay:
         self, data: bytes, verdict: Verdict, portal: _Portal | None, parsed: bool
     ) -> int:
         sid = next(self._ids)
+        self._decided_in = 0.0  # reported with this statement, as ``_admit`` does
         stats = self.stats
         stats.statements += 1
         stats.bytes_from_client += len(data)
