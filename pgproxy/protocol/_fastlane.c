@@ -48,6 +48,22 @@ static int parse_args(PyObject *const *args, Py_ssize_t nargs, const char *name,
     return 0;
 }
 
+/* The message at `pos`: 1 with its tag and end when it is whole and its length is within
+ * [4, max_size]; 0 at the end of `buf`, or when fewer than 5 bytes are left; -1 when malformed. */
+static int next_message(const unsigned char *buf, Py_ssize_t n, Py_ssize_t pos,
+                        long long max_size, unsigned char *tag, Py_ssize_t *end)
+{
+    if (n - pos < 5)
+        return 0;
+    long long length = be32(buf + pos + 1);
+    long long stop = (long long)pos + 1 + length;
+    if (length < 4 || length > max_size || stop > (long long)n)
+        return -1;
+    *tag = buf[pos];
+    *end = (Py_ssize_t)stop;
+    return 1;
+}
+
 static PyObject *query_text(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     const unsigned char *buf;
@@ -77,26 +93,22 @@ static PyObject *plain_result(PyObject *self, PyObject *const *args, Py_ssize_t 
     long long max_size;
     if (parse_args(args, nargs, "plain_result", &buf, &n, &max_size) < 0)
         return NULL;
-    Py_ssize_t pos = 0;
+    Py_ssize_t pos = 0, end;
     long long rows = 0;
-    while (n - pos >= 5) {
-        unsigned char tag = buf[pos];
-        long long length = be32(buf + pos + 1);
-        long long end = (long long)pos + 1 + length;
-        if (length < 4 || length > max_size || end > (long long)n)
-            Py_RETURN_NONE;
+    unsigned char tag;
+    while (next_message(buf, n, pos, max_size, &tag, &end) > 0) {
         if (tag == 'D') {
             rows++;
         }
         else if (tag == 'Z') {
-            if (length != 5 || end != (long long)n)
+            if (end - pos != 6 || end != n)
                 Py_RETURN_NONE;
             return Py_BuildValue("(Li)", rows, (int)buf[pos + 5]);
         }
         else if (tag != 'T' && tag != 'C' && tag != 'I') {
             Py_RETURN_NONE;
         }
-        pos = (Py_ssize_t)end;
+        pos = end;
     }
     Py_RETURN_NONE;
 }
@@ -118,17 +130,13 @@ static PyObject *plain_execute(PyObject *self, PyObject *const *args, Py_ssize_t
     int described = PyObject_IsTrue(args[3]);
     if (described < 0)
         return NULL;
-    Py_ssize_t pos = 0;
+    Py_ssize_t pos = 0, end;
     long long rows = 0;
     long long body_start = -1, body_end = -1;
+    unsigned char tag;
     /* 0: ParseComplete, 1: BindComplete, 2: the Describe's answer, 3: rows, 4: ready */
     int stage = parsed ? 0 : 1;
-    while (n - pos >= 5) {
-        unsigned char tag = buf[pos];
-        long long length = be32(buf + pos + 1);
-        long long end = (long long)pos + 1 + length;
-        if (length < 4 || length > max_size || end > (long long)n)
-            Py_RETURN_NONE;
+    while (next_message(buf, n, pos, max_size, &tag, &end) > 0) {
         if (stage == 0) {
             if (tag != '1')
                 Py_RETURN_NONE;
@@ -158,11 +166,11 @@ static PyObject *plain_execute(PyObject *self, PyObject *const *args, Py_ssize_t
                 Py_RETURN_NONE;
         }
         else {
-            if (tag != 'Z' || length != 5 || end != (long long)n)
+            if (tag != 'Z' || end - pos != 6 || end != n)
                 Py_RETURN_NONE;
             return Py_BuildValue("(LiLL)", rows, (int)buf[pos + 5], body_start, body_end);
         }
-        pos = (Py_ssize_t)end;
+        pos = end;
     }
     Py_RETURN_NONE;
 }

@@ -15,7 +15,7 @@ hypothesis that both give the same answer for any bytes.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 _Q, _T, _D, _C, _I, _Z = (ord(c) for c in "QTDCIZ")
 _PARSE_COMPLETE, _BIND_COMPLETE, _NO_DATA = (ord(c) for c in "12n")
@@ -35,28 +35,35 @@ def _query_text_py(data: bytes, max_size: int) -> str | None:
         return None
 
 
+def _messages(data: bytes, max_size: int) -> Iterator[tuple[int, int, int]]:
+    """(tag, start, end) of each whole message in ``data``, in order; (-1, start, start) for
+    one whose length is below 4, above ``max_size`` or past the end, and nothing after it."""
+    n = len(data)
+    pos = 0
+    while n - pos >= 5:
+        length = int.from_bytes(data[pos + 1 : pos + 5])
+        end = pos + 1 + length
+        if length < 4 or length > max_size or end > n:
+            yield -1, pos, pos
+            return
+        yield data[pos], pos, end
+        pos = end
+
+
 def _plain_result_py(data: bytes, max_size: int) -> tuple[int, int] | None:
     """(DataRows, transaction status byte) when ``data`` is exactly a complete answer to a
     simple Query made only of RowDescription, DataRow, CommandComplete and EmptyQueryResponse
     messages, ending with its one ReadyForQuery; else None."""
-    n = len(data)
-    pos = 0
     rows = 0
-    while n - pos >= 5:
-        tag = data[pos]
-        length = int.from_bytes(data[pos + 1 : pos + 5])
-        end = pos + 1 + length
-        if length < 4 or length > max_size or end > n:
-            return None
+    for tag, start, end in _messages(data, max_size):
         if tag == _D:
             rows += 1
         elif tag == _Z:
-            if length != 5 or end != n:
+            if end - start != 6 or end != len(data):
                 return None
-            return rows, data[pos + 5]
+            return rows, data[start + 5]
         elif tag not in (_T, _C, _I):
             return None
-        pos = end
     return None
 
 
@@ -68,18 +75,13 @@ def _plain_execute_py(
     when ``described``, DataRows, one CommandComplete or EmptyQueryResponse and one
     ReadyForQuery ending ``data``: (DataRows, status byte, start and end of the
     RowDescription's body in ``data``, or -1, -1)."""
-    n = len(data)
-    pos = 0
     rows = 0
     # 0: ParseComplete, 1: BindComplete, 2: the Describe's answer, 3: rows until the
     # completion, 4: ReadyForQuery
     stage = 0 if parsed else 1
     body = (-1, -1)
-    while n - pos >= 5:
-        tag = data[pos]
-        length = int.from_bytes(data[pos + 1 : pos + 5])
-        end = pos + 1 + length
-        if length < 4 or length > max_size or end > n:
+    for tag, start, end in _messages(data, max_size):
+        if tag < 0:
             return None
         if stage == 0:
             if tag != _PARSE_COMPLETE:
@@ -91,7 +93,7 @@ def _plain_execute_py(
             stage = 2 if described else 3
         elif stage == 2:
             if tag == _T:
-                body = (pos + 5, end)
+                body = (start + 5, end)
             elif tag != _NO_DATA:
                 return None
             stage = 3
@@ -103,10 +105,9 @@ def _plain_execute_py(
             else:
                 return None
         else:
-            if tag != _Z or length != 5 or end != n:
+            if tag != _Z or end - start != 6 or end != len(data):
                 return None
-            return rows, data[pos + 5], body[0], body[1]
-        pos = end
+            return rows, data[start + 5], body[0], body[1]
     return None
 
 
