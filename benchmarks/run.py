@@ -20,9 +20,15 @@ Measured, in rounds that visit every target in turn (``--repeat N`` rounds; medi
 1. TPS of ``pgbench -S -c 8 -j 2 -T <duration>`` on a ``pgbench -i -s <scale>`` database (the
    initialisation runs directly against Postgres);
 2. average latency of ``pgbench -S -c 1`` in ``-M simple`` and ``-M prepared``, and the latency
-   each proxy adds over the direct connection;
-3. rows/s of one 10-column ``generate_series`` result, received whole by libpq (psycopg);
-4. each proxy's peak RSS (``VmHWM``, reset just before) while a client that discards rows
+   each proxy adds over the direct connection. Each round splits these runs into
+   ``--latency-slices`` short runs that alternate between the targets: on a small machine a
+   single run's latency depends on where the scheduler happens to place the processes, so one
+   long run per target compares placements more than proxies;
+3. each proxy's CPU time per transaction under those loads (user + system time of its process
+   and its child processes, over the transactions pgbench reports): steadier than TPS where
+   other jobs share the machine;
+4. rows/s of one 10-column ``generate_series`` result, received whole by libpq (psycopg);
+5. each proxy's peak RSS (``VmHWM``, reset just before) while a client that discards rows
    streams ``repeat('x', 1000)`` rows totalling ``--rss-mb`` megabytes through it; for pgproxy
    this is its main process, and the audit writer process (its child, found through
    ``/proc/<pid>/task/*/children``) gets its own row: its peak over the whole run.
@@ -57,11 +63,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
 import psycopg
 
 from pgproxy.pgcluster import Cluster, find_bindir, free_port
 
+T = TypeVar("T")
 HERE = Path(__file__).resolve().parent
 PASSWORD = "bench-pw"
 START_TIMEOUT = 60.0
@@ -77,10 +85,11 @@ class Sizes:
     stream_rows: int
     rss_mb: int
     repeat: int
+    latency_slices: int
 
 
-FULL = Sizes(duration=10, scale=10, stream_rows=1_000_000, rss_mb=2200, repeat=1)
-QUICK = Sizes(duration=2, scale=1, stream_rows=50_000, rss_mb=50, repeat=1)
+FULL = Sizes(duration=10, scale=10, stream_rows=1_000_000, rss_mb=2200, repeat=1, latency_slices=5)
+QUICK = Sizes(duration=2, scale=1, stream_rows=50_000, rss_mb=50, repeat=1, latency_slices=1)
 
 TPS_ARGS = ["-c", "8", "-j", "2"]
 TARGETS = ("direct", "relay", "pgbouncer", "pgproxy")
@@ -103,6 +112,9 @@ def metrics(sizes: Sizes) -> tuple[Metric, ...]:
         Metric("add_simple", "added latency -c 1 -M simple", "µs", False),
         Metric("lat_prepared", "latency -c 1 -M prepared", "ms", False),
         Metric("add_prepared", "added latency -c 1 -M prepared", "µs", False),
+        Metric("cpu_tps", "proxy CPU per transaction -c 8", "µs", False),
+        Metric("cpu_simple", "proxy CPU per transaction -c 1 -M simple", "µs", False),
+        Metric("cpu_prepared", "proxy CPU per transaction -c 1 -M prepared", "µs", False),
         Metric("rows", f"rows/s, {sizes.stream_rows:,} rows x 10 columns", "rows/s", True),
         Metric("rss_idle", "RSS before streaming", "MB", False),
         Metric("rss", f"peak RSS streaming {gb:g} GB", "MB", False),
@@ -312,8 +324,8 @@ def pgbench_exe() -> str:
     return shutil.which("pgbench") or str(find_bindir() / "pgbench")
 
 
-def pgbench(conn: Conn, args: list[str], duration: int) -> tuple[float, float]:
-    """(tps, average latency in ms) of one bounded pgbench run."""
+def pgbench(conn: Conn, args: list[str], duration: int) -> tuple[float, float, int]:
+    """(tps, average latency in ms, transactions) of one bounded pgbench run."""
     proc = subprocess.run(
         [pgbench_exe(), "-n", "-S", "-T", str(duration), *args],
         env=conn.env(),
@@ -323,11 +335,34 @@ def pgbench(conn: Conn, args: list[str], duration: int) -> tuple[float, float]:
     )
     tps = re.search(r"^tps = ([\d.]+)", proc.stdout, re.M)
     lat = re.search(r"^latency average = ([\d.]+) ms", proc.stdout, re.M)
+    done = re.search(r"^number of transactions actually processed: (\d+)", proc.stdout, re.M)
     failed = re.search(r"^number of failed transactions: (\d+)", proc.stdout, re.M)
-    if proc.returncode != 0 or tps is None or lat is None or (failed and int(failed.group(1))):
+    bad = tps is None or lat is None or done is None or (failed and int(failed.group(1)))
+    if proc.returncode != 0 or bad:
         detail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
         raise RuntimeError(f"pgbench {' '.join(args)} failed: {' | '.join(detail)}")
-    return float(tps.group(1)), float(lat.group(1))
+    assert tps is not None and lat is not None and done is not None
+    return float(tps.group(1)), float(lat.group(1)), int(done.group(1))
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of ``pid`` (all its threads) and of its child processes."""
+    total = 0
+    for p in [pid, *child_pids(pid)]:
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def pgbench_load(
+    conn: Conn, args: list[str], duration: int, pid: int | None
+) -> tuple[float, float, float | None]:
+    """(tps, average latency in ms, CPU µs per transaction of ``pid`` or None)."""
+    before = cpu_seconds(pid) if pid is not None else 0.0
+    tps, lat, done = pgbench(conn, args, duration)
+    cpu = (cpu_seconds(pid) - before) / done * 1e6 if pid is not None and done else None
+    return tps, lat, cpu
 
 
 STREAM_SQL = (
@@ -542,9 +577,7 @@ def render(res: Results) -> str:
 # ---------------------------------------------------------------------------------- runner
 
 
-def measure(
-    res: Results, metric: str, target: str, fn: Callable[[], float | tuple[float, ...]]
-) -> float | tuple[float, ...] | None:
+def measure(res: Results, metric: str, target: str, fn: Callable[[], T]) -> T | None:
     try:
         return fn()
     except Exception as exc:
@@ -555,22 +588,38 @@ def measure(
 
 def run_rounds(res: Results, conns: dict[str, Conn], pids: dict[str, int]) -> None:
     s = res.sizes
+    slices = max(1, s.latency_slices)
+    slice_seconds = max(1, round(s.duration / slices))
     for rnd in range(1, s.repeat + 1):
         print(f"round {rnd}/{s.repeat}", file=sys.stderr, flush=True)
         for target, conn in conns.items():
-            print(f"  {target}: pgbench", file=sys.stderr, flush=True)
-            got = measure(res, "tps", target, partial(pgbench, conn, TPS_ARGS, s.duration))
-            if isinstance(got, tuple):
+            print(f"  {target}: pgbench -c 8", file=sys.stderr, flush=True)
+            load = partial(pgbench_load, conn, TPS_ARGS, s.duration, pids.get(target))
+            got = measure(res, "tps", target, load)
+            if got is not None:
                 res.add("tps", target, got[0])
-            for mode in ("simple", "prepared"):
-                args = ["-c", "1", "-j", "1", "-M", mode]
-                got = measure(res, f"lat_{mode}", target, partial(pgbench, conn, args, s.duration))
-                if isinstance(got, tuple):
-                    res.add(f"lat_{mode}", target, got[1])
+                if got[2] is not None:
+                    res.add("cpu_tps", target, got[2])
+        print(
+            f"  pgbench -c 1: {slices} x {slice_seconds}s per target and mode, alternating",
+            file=sys.stderr,
+            flush=True,
+        )
+        for _ in range(slices):
+            for target, conn in conns.items():
+                for mode in ("simple", "prepared"):
+                    args = ["-c", "1", "-j", "1", "-M", mode]
+                    load = partial(pgbench_load, conn, args, slice_seconds, pids.get(target))
+                    got = measure(res, f"lat_{mode}", target, load)
+                    if got is not None:
+                        res.add(f"lat_{mode}", target, got[1])
+                        if got[2] is not None:
+                            res.add(f"cpu_{mode}", target, got[2])
+        for target, conn in conns.items():
             print(f"  {target}: streaming {s.stream_rows:,} rows", file=sys.stderr, flush=True)
-            got = measure(res, "rows", target, partial(rows_per_second, conn, s.stream_rows))
-            if isinstance(got, float):
-                res.add("rows", target, got)
+            rate = measure(res, "rows", target, partial(rows_per_second, conn, s.stream_rows))
+            if rate is not None:
+                res.add("rows", target, rate)
     for target in conns:
         for mode in ("simple", "prepared"):
             lat, base = res.value(f"lat_{mode}", target), res.value(f"lat_{mode}", "direct")
@@ -579,14 +628,14 @@ def run_rounds(res: Results, conns: dict[str, Conn], pids: dict[str, int]) -> No
     for target, pid in pids.items():
         print(f"  {target}: peak RSS over {s.rss_mb} MB", file=sys.stderr, flush=True)
         fn = partial(peak_rss_streaming, conns[target], pid, s.rss_mb)
-        got = measure(res, "rss", target, fn)
-        if isinstance(got, tuple):
-            res.add("rss_idle", target, got[0])
-            res.add("rss", target, got[1])
+        rss = measure(res, "rss", target, fn)
+        if rss is not None:
+            res.add("rss_idle", target, rss[0])
+            res.add("rss", target, rss[1])
     if "pgproxy" in pids:
-        got = measure(res, "rss_audit", "pgproxy", partial(audit_writer_peak_rss, pids["pgproxy"]))
-        if isinstance(got, float):
-            res.add("rss_audit", "pgproxy", got)
+        peak = measure(res, "rss_audit", "pgproxy", partial(audit_writer_peak_rss, pids["pgproxy"]))
+        if peak is not None:
+            res.add("rss_audit", "pgproxy", peak)
 
 
 PROFILED_LOADS = {
@@ -658,6 +707,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rows", type=int, help="rows in the 10-column result (1M; quick 50k)")
     p.add_argument("--rss-mb", type=int, help="MB streamed for peak RSS (2200; quick 50)")
     p.add_argument("--repeat", type=int, help="rounds; medians are reported (1)")
+    p.add_argument(
+        "--latency-slices",
+        type=int,
+        help="short alternating -c 1 runs per round that share --duration (5; quick 1)",
+    )
     p.add_argument("--dsn", help="superuser DSN of an existing Postgres (default: throwaway)")
     p.add_argument("--relay-mode", choices=["protocol", "streams"], default="protocol")
     p.add_argument("--no-pgbouncer", action="store_true", help="skip the PgBouncer column")
@@ -674,6 +728,7 @@ def sizes_from(args: argparse.Namespace) -> Sizes:
         stream_rows=args.rows or base.stream_rows,
         rss_mb=args.rss_mb or base.rss_mb,
         repeat=args.repeat or base.repeat,
+        latency_slices=args.latency_slices or base.latency_slices,
     )
 
 
@@ -750,7 +805,8 @@ def print_report(res: Results, profile_text: str) -> None:
         print(f"{key}: {value}")
     print(
         f"sizes: pgbench -T {s.duration}s, scale {s.scale}; {s.stream_rows:,} rows x 10 columns;"
-        f" {s.rss_mb} MB streamed for RSS; {s.repeat} round(s), medians"
+        f" {s.rss_mb} MB streamed for RSS; {s.repeat} round(s), medians;"
+        f" -c 1 latency in {s.latency_slices} alternating slice(s) per round"
     )
     print("(relay / pgbouncer cells: value (ratio to direct))\n")
     print(render(res))

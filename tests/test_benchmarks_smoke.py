@@ -27,6 +27,9 @@ ROWS = (
     "added latency -c 1 -M simple",
     "latency -c 1 -M prepared",
     "added latency -c 1 -M prepared",
+    "proxy CPU per transaction -c 8",
+    "proxy CPU per transaction -c 1 -M simple",
+    "proxy CPU per transaction -c 1 -M prepared",
     "rows/s, 2,000 rows x 10 columns",
     "RSS before streaming",
     "peak RSS streaming 0.005 GB",
@@ -34,7 +37,7 @@ ROWS = (
 )
 COLUMNS = ("direct", "relay", "pgbouncer", "pgproxy", "pgproxy÷direct", "pgproxy÷relay", "target")
 #: rows with a target from the product issue
-JUDGED = (ROWS[0], ROWS[2], ROWS[4], ROWS[7])
+JUDGED = (ROWS[0], ROWS[2], ROWS[4], ROWS[10])
 
 
 def _have_pgbench() -> bool:
@@ -73,7 +76,7 @@ def test_quick_run_prints_every_row(pg_dsn: str, tmp_path: Path) -> None:
         row = body[label]
         for target in ("relay", "pgproxy") if "audit writer" not in label else ("pgproxy",):
             assert row[target] not in ("", "—", "ERR"), (label, target, row)
-        if "RSS" not in label and "added" not in label:
+        if "RSS" not in label and "added" not in label and "CPU" not in label:
             assert row["direct"] not in ("", "—", "ERR"), (label, row)
     for label in JUDGED:
         assert body[label]["result"] in ("PASS", "FAIL", "n/a"), body[label]
@@ -81,6 +84,8 @@ def test_quick_run_prints_every_row(pg_dsn: str, tmp_path: Path) -> None:
     results = json.loads(out.read_text())
     assert results["errors"] == {}
     assert results["values"]["tps"]["pgproxy"] > 0
+    assert results["values"]["cpu_tps"]["pgproxy"] > 0  # the proxy's process and its writer
+    assert len(results["samples"]["lat_simple"]["pgproxy"]) == 1  # --quick: one slice per round
     assert results["values"]["rss"]["pgproxy"] > 0
     assert results["values"]["rss_audit"]["pgproxy"] > 0  # pgproxy's audit writer process
 

@@ -418,8 +418,7 @@ class PolicyEngine:
         skey = (shape or "", self.search_path, self.catalog.version, self.agent)
         if shape is not None:
             hit = self._shapes.get(skey)
-            if hit is not None:
-                self._remember(key, hit)
+            if hit is not None:  # not remembered by text too: the key costs about a lookup
                 return hit
         try:
             verdict, cacheable = self._decide_text(sql)

@@ -17,13 +17,16 @@ values of EXPLAIN, SET and the like (``ANALYZE 'true'``) are why no other class 
 
 Two ways to the same kind of key: statements made only of identifiers, keywords, numbers,
 whitespace and simple punctuation (no quotes, dollars, comments or backslashes — nothing that
-can hide a token boundary) are keyed by a regular expression, in about a microsecond; all
-others by Postgres' own scanner (pglast), where strings and floats become placeholders too.
+can hide a token boundary) are keyed by regular expressions; all others by Postgres' own
+scanner (pglast), where strings and floats become placeholders too. The first way, for ASCII
+text, also exists compiled (``_shapekey.c``, a tenth of the regular expressions' time, used
+when it was built): ``_simple_key_py`` is its reference, and tests check that both agree.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Final
 
 from pglast import parser
@@ -51,11 +54,29 @@ def _reads_positions(sql: str) -> bool:
     return _POSITIONS.search(sql) is not None
 
 
+def _simple_key_py(sql: str) -> str | None:
+    """The key of an ASCII text made only of ``_SIMPLE`` characters with no comment, else None
+    (the reference of the compiled ``simple_key``)."""
+    if not sql.isascii() or _SIMPLE.fullmatch(sql) is None or "--" in sql:
+        return None
+    return "f:" + (_BIG_INT if _reads_positions(sql) else _ANY_INT).sub("?", sql)
+
+
+simple_key: Callable[[str], str | None]
+try:
+    from pgproxy.policy._shapekey import simple_key
+except ImportError:  # no compiler at install time: the reference twin
+    simple_key = _simple_key_py
+
+
 def key(sql: str) -> str | None:
     """The statement's shape key, or None when it will not scan (such a text is never shared)."""
+    fast = simple_key(sql)
+    if fast is not None:
+        return fast
     ints = _BIG_INT if _reads_positions(sql) else _ANY_INT
-    if _SIMPLE.fullmatch(sql) is not None and "--" not in sql:
-        return "f:" + ints.sub("?", sql)
+    if not sql.isascii() and _SIMPLE.fullmatch(sql) is not None and "--" not in sql:
+        return "f:" + ints.sub("?", sql)  # simple but for Unicode whitespace
     try:
         tokens = parser.scan(sql)
     except Exception:

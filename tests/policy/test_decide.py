@@ -564,8 +564,17 @@ def test_cache_is_keyed_by_catalog_version() -> None:
 def test_cache_is_bounded() -> None:
     eng = PolicyEngine(RULES, CATALOG, MASKS, "triage-bot", cache_size=3)
     for i in range(10):
-        eng.statement(f"SELECT {i}", CTX)
+        eng.statement(f"SELECT {i} AS c{i}", CTX)  # ten shapes, each decided
     assert len(eng._cache) == 3
+    assert len(eng._shapes) == 3
+
+
+def test_texts_of_one_shape_share_the_decision_without_filling_the_text_cache() -> None:
+    eng = PolicyEngine(RULES, CATALOG, MASKS, "triage-bot", cache_size=3)
+    first = eng.statement("SELECT id FROM patients WHERE id = 123456", CTX)
+    for i in range(10):
+        assert eng.statement(f"SELECT id FROM patients WHERE id = {200000 + i}", CTX) is first
+    assert len(eng._cache) == 1  # only the text that was decided
 
 
 def test_explain_text() -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -88,3 +91,77 @@ _WORDY = st.lists(_PIECES | st.characters(), max_size=12).map("".join)
 def test_the_position_check_answers_as_the_case_insensitive_search(sql: str) -> None:
     # the key keeps small integers exactly where the slower regular expression would
     assert shape._reads_positions(sql) == (shape._POSITIONS.search(sql) is not None)
+
+
+# ------------------------------------------------------------ the compiled simple key
+
+try:
+    from pgproxy.policy import _shapekey
+except ImportError:  # pragma: no cover - the REQUIRE_EXT test below reports it in CI
+    _shapekey = None  # type: ignore[assignment]
+
+needs_ext = pytest.mark.skipif(_shapekey is None, reason="pgproxy.policy._shapekey is not built")
+
+
+def test_the_compiled_key_is_there_when_required() -> None:
+    if os.environ.get("PGPROXY_REQUIRE_EXT") != "1":
+        pytest.skip("PGPROXY_REQUIRE_EXT=1 not set")
+    assert _shapekey is not None, "pgproxy.policy._shapekey did not build (pip install -e .)"
+    assert shape.simple_key is _shapekey.simple_key
+
+
+#: pieces of simple texts: digits and what may stand next to an integer, the clause words,
+#: the comment marker and the ASCII whitespace Python's \s knows
+_SIMPLE_PIECES = ["0", "1", "9", "00", "999", "1000", "9999", "10000", "12345", "012345", "99999999999999999999", ".",
+                  "_", "a", "Z", "-", "--", "e", " ", "\t", "\x0b", "\x1c", "\x1f", ",", ";",
+                  "(", ")", "=", "<", ">", "*", "+", ":", "order", "GROUP", "Distinct",
+                  "SELECT x FROM t WHERE id = "]  # fmt: skip
+#: and what is not simple: quotes, other punctuation, NUL, non-ASCII whitespace and letters
+_OTHER_PIECES = ["\x85", "\xa0", "\u2003", "'", '"', "$", "/", "\\", "\x00", "\x7f", "\u017f",
+                 "\u212a", "é"]  # fmt: skip
+_SQLISH = st.lists(st.sampled_from(_SIMPLE_PIECES), max_size=24).map("".join) | st.lists(
+    st.sampled_from(_SIMPLE_PIECES + _OTHER_PIECES) | st.characters(), max_size=24
+).map("".join)
+
+
+@needs_ext
+@given(_SQLISH)
+@settings(max_examples=3000, deadline=None)
+def test_the_simple_key_twins_agree(sql: str) -> None:
+    assert _shapekey.simple_key(sql) == shape._simple_key_py(sql)
+
+
+@needs_ext
+@given(st.text(max_size=40))
+@settings(max_examples=1000, deadline=None)
+def test_the_simple_key_twins_agree_on_any_text(sql: str) -> None:
+    assert _shapekey.simple_key(sql) == shape._simple_key_py(sql)
+
+
+@pytest.mark.parametrize("impl", ["python", "compiled"])
+def test_simple_key_examples(impl: str) -> None:
+    if impl == "compiled" and _shapekey is None:
+        pytest.skip("pgproxy.policy._shapekey is not built")
+    fn = _shapekey.simple_key if impl == "compiled" else shape._simple_key_py
+    assert fn("SELECT abalance FROM a WHERE aid = 912345;") == (
+        "f:SELECT abalance FROM a WHERE aid = ?;"
+    )
+    assert fn("SELECT x FROM t WHERE id = 7 ORDER BY 2") == (
+        "f:SELECT x FROM t WHERE id = 7 ORDER BY 2"
+    )
+    assert fn("select 123456, 012345, 1.5, x1, 1x, 9 from orders") == (
+        "f:select ?, 012345, 1.5, x1, 1x, 9 from orders"
+    )
+    assert fn("SELECT 1, 22,333") == "f:SELECT ?, ?,?"
+    assert fn("SELECT 9999, 10000 FROM t ORDER BY 1") == "f:SELECT 9999, ? FROM t ORDER BY 1"
+    assert fn("") == "f:"
+    assert fn("SELECT 'a'") is None  # a string: the scanner's
+    assert fn("SELECT 1 -- 2") is None  # a comment
+    assert fn("SELECT 1\xa0FROM t") is None  # not ASCII: the general key
+    assert fn("SELECT 1\x00") is None
+
+
+def test_unicode_whitespace_still_takes_the_simple_key() -> None:
+    # not ASCII, so not the compiled key's; the same key as before all the same
+    assert key("SELECT x\xa0FROM t WHERE id = 123") == "f:SELECT x\xa0FROM t WHERE id = ?"
+    assert key("SELECT x FROM t WHERE id = 123") == "f:SELECT x FROM t WHERE id = ?"

@@ -1,0 +1,3 @@
+"""Types of the compiled shape key (``_shapekey.c``); see ``shape.py``."""
+
+def simple_key(sql: str, /) -> str | None: ...
