@@ -54,12 +54,16 @@ def _reads_positions(sql: str) -> bool:
     return _POSITIONS.search(sql) is not None
 
 
-def _simple_key_py(sql: str) -> str | None:
-    """The key of an ASCII text made only of ``_SIMPLE`` characters with no comment, else None
-    (the reference of the compiled ``simple_key``)."""
-    if not sql.isascii() or _SIMPLE.fullmatch(sql) is None or "--" in sql:
+def _regex_key(sql: str) -> str | None:
+    """The key of a text made only of ``_SIMPLE`` characters with no comment, else None."""
+    if _SIMPLE.fullmatch(sql) is None or "--" in sql:
         return None
     return "f:" + (_BIG_INT if _reads_positions(sql) else _ANY_INT).sub("?", sql)
+
+
+def _simple_key_py(sql: str) -> str | None:
+    """``_regex_key`` of an ASCII text (the reference of the compiled ``simple_key``)."""
+    return _regex_key(sql) if sql.isascii() else None
 
 
 simple_key: Callable[[str], str | None]
@@ -71,12 +75,10 @@ except ImportError:  # no compiler at install time: the reference twin
 
 def key(sql: str) -> str | None:
     """The statement's shape key, or None when it will not scan (such a text is never shared)."""
-    fast = simple_key(sql)
-    if fast is not None:
-        return fast
+    simple = simple_key(sql) if sql.isascii() else _regex_key(sql)  # Unicode whitespace
+    if simple is not None:
+        return simple
     ints = _BIG_INT if _reads_positions(sql) else _ANY_INT
-    if not sql.isascii() and _SIMPLE.fullmatch(sql) is not None and "--" not in sql:
-        return "f:" + ints.sub("?", sql)  # simple but for Unicode whitespace
     try:
         tokens = parser.scan(sql)
     except Exception:
