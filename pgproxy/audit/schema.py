@@ -1,10 +1,18 @@
 """The audit's DuckDB layout: one append-only table per record kind, and the analyst views.
 
-Every base table starts with ``seq, prev_hash, row_hash`` (the hash chain, see ``chain``) and
-then the record's fields in a fixed order. ``row_values`` turns a record into that order with
-plain JSON-able values (timestamps as naive-UTC ISO strings, tuples as lists); the same values
-are the chain's canonical serialization and the staging payload the writer bulk-inserts from,
-so Python encodes each row exactly once.
+Every logical table starts with ``seq, prev_hash, row_hash`` (the hash chain, see ``chain``)
+and then the record's fields in a fixed order. ``row_values`` turns a record into that order
+with plain JSON-able values (timestamps as naive-UTC ISO strings, tuples as lists); the same
+values are the chain's canonical serialization and, for the rare kinds, the staging payload the
+writer bulk-inserts from.
+
+``log_statement``, one row per statement, is a view over two base tables: ``log_statement_row``
+(the fields that change with every statement: ids, time, counts) and ``log_statement_shape``
+(the ones that repeat: agent, class, fingerprint, redacted SQL, decision and the lists), joined
+on ``shape_id``. Storing the repeated part once makes an audit row about half as costly to
+write; the hash chain still covers every field of the joined row, so editing a shape breaks the
+chain of every statement that uses it. ``STATEMENT_MIGRATION_SQL`` converts a file from before
+the split.
 
 Views (the analysts' contract): ``sessions``, ``statements``, ``approvals``,
 ``approval_events``, ``policy_events``, plus ``audit_rows`` (every row's seq/table/hash).
@@ -140,6 +148,99 @@ TABLE_BY_NAME: Final[dict[str, Table]] = {t.name: t for t in TABLES}
 for _t in TABLES:
     assert tuple(c.name for c in _t.columns) == tuple(f.name for f in fields(_t.record)), _t.name
 
+#: fields of ``log_statement`` stored once per distinct combination, in ``log_statement_shape``
+STATEMENT_SHAPE_FIELDS: Final = (
+    "agent", "statement_class", "fingerprint", "sql_redacted", "decision",
+    "reasons", "relations", "columns", "tags", "masked_columns",
+)  # fmt: skip
+#: the others, stored per statement in ``log_statement_row`` (``ts`` as ``ts_us``)
+STATEMENT_ROW_FIELDS: Final = (
+    "statement_id",
+    "session_id",
+    "ts",
+    "rows",
+    "duration_ms",
+    "sqlstate",
+    "approval_id",
+)
+assert set(STATEMENT_SHAPE_FIELDS) | set(STATEMENT_ROW_FIELDS) == {
+    c.name for c in STATEMENT.columns
+}
+
+
+def _column_defs(names: tuple[str, ...]) -> str:
+    types = {c.name: c.sqltype for c in STATEMENT.columns}
+    return ", ".join(f"{n} {types[n]} NOT NULL" for n in names)
+
+
+STATEMENT_SHAPE_SQL: Final = (
+    "CREATE TABLE IF NOT EXISTS log_statement_shape (shape_id BIGINT NOT NULL, "
+    f"{_column_defs(STATEMENT_SHAPE_FIELDS)})"
+)
+STATEMENT_ROW_SQL: Final = (
+    "CREATE TABLE IF NOT EXISTS log_statement_row (seq BIGINT NOT NULL, "
+    "prev_hash VARCHAR NOT NULL, row_hash VARCHAR NOT NULL, statement_id VARCHAR NOT NULL, "
+    "session_id VARCHAR NOT NULL, ts_us BIGINT NOT NULL, shape_id BIGINT NOT NULL, "
+    "rows BIGINT NOT NULL, duration_ms DOUBLE NOT NULL, sqlstate VARCHAR NOT NULL, "
+    "approval_id VARCHAR NOT NULL)"
+)
+#: the logical table, columns in ``STATEMENT`` order (an inner join: a statement whose shape
+#: row is gone drops out, and verify reports its seq missing)
+STATEMENT_VIEW_SQL: Final = (
+    "CREATE OR REPLACE VIEW log_statement AS SELECT r.seq, r.prev_hash, r.row_hash, "
+    + ", ".join(
+        "make_timestamp(r.ts_us) AS ts"
+        if c.name == "ts"
+        else f"{'r' if c.name in STATEMENT_ROW_FIELDS else 's'}.{c.name}"
+        for c in STATEMENT.columns
+    )
+    + " FROM log_statement_row r JOIN log_statement_shape s USING (shape_id)"
+)
+
+
+def base_tables_sql() -> list[str]:
+    """The DDL of every base table and of the ``log_statement`` view, in order."""
+    out: list[str] = []
+    for t in TABLES:
+        if t is STATEMENT:
+            out += [STATEMENT_SHAPE_SQL, STATEMENT_ROW_SQL, STATEMENT_VIEW_SQL]
+        else:
+            out.append(t.create_sql())
+    return out
+
+
+def chain_table(name: str) -> str:
+    """The base table holding the chain columns (``seq``, hashes) of logical table ``name``."""
+    return "log_statement_row" if name == STATEMENT.name else name
+
+
+#: the base tables a complete audit file has
+BASE_TABLES: Final = tuple(
+    n for t in TABLES for n in (
+        ("log_statement_shape", "log_statement_row") if t is STATEMENT else (t.name,)
+    )
+)  # fmt: skip
+
+_SHAPE_COLS: Final = ", ".join(STATEMENT_SHAPE_FIELDS)
+#: turns a ``log_statement`` base table (files written before the split) into the two tables
+#: and the view, in the caller's transaction; every value is carried over as stored
+STATEMENT_MIGRATION_SQL: Final[tuple[str, ...]] = (
+    STATEMENT_SHAPE_SQL,
+    STATEMENT_ROW_SQL,
+    f"""INSERT INTO log_statement_shape
+    SELECT row_number() OVER (ORDER BY first_seq), {_SHAPE_COLS}
+    FROM (SELECT {_SHAPE_COLS}, min(seq) AS first_seq FROM log_statement
+          GROUP BY ALL)""",
+    f"""INSERT INTO log_statement_row
+    SELECT l.seq, l.prev_hash, l.row_hash, l.statement_id, l.session_id, epoch_us(l.ts),
+           s.shape_id, l.rows, l.duration_ms, l.sqlstate, l.approval_id
+    FROM log_statement l JOIN log_statement_shape s
+    ON {" AND ".join(f"l.{c} = s.{c}" for c in STATEMENT_SHAPE_FIELDS)}
+    ORDER BY l.seq""",
+    "DROP TABLE log_statement",
+    STATEMENT_VIEW_SQL,
+)
+
 STAGE_SQL: Final = (
     "CREATE TEMP TABLE IF NOT EXISTS audit_stage "
     "(tbl VARCHAR, seq BIGINT, prev_hash VARCHAR, row_hash VARCHAR, payload VARCHAR)"
@@ -149,7 +250,7 @@ VIEWS_SQL: Final[tuple[str, ...]] = (
     """CREATE OR REPLACE VIEW audit_rows AS
     SELECT seq, 'log_session_start' AS tbl, prev_hash, row_hash FROM log_session_start
     UNION ALL SELECT seq, 'log_session_end', prev_hash, row_hash FROM log_session_end
-    UNION ALL SELECT seq, 'log_statement', prev_hash, row_hash FROM log_statement
+    UNION ALL SELECT seq, 'log_statement', prev_hash, row_hash FROM log_statement_row
     UNION ALL SELECT seq, 'log_approval_event', prev_hash, row_hash FROM log_approval_event
     UNION ALL SELECT seq, 'log_policy_event', prev_hash, row_hash FROM log_policy_event""",
     """CREATE OR REPLACE VIEW sessions AS

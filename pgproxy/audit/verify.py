@@ -81,7 +81,12 @@ def verify_connection(
 
 
 def _verify(conn: duckdb.DuckDBPyConnection, path: str, key: bytes | None) -> VerifyResult:
-    present = {r[0] for r in conn.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
+    present = {
+        r[0]
+        for r in conn.execute(
+            "SELECT table_name FROM duckdb_tables() UNION ALL SELECT view_name FROM duckdb_views()"
+        ).fetchall()
+    }
     missing = [t.name for t in schema.TABLES if t.name not in present]
     if missing:
         return VerifyResult(False, 0, f"not a pgproxy audit: table {missing[0]} is missing")

@@ -139,11 +139,26 @@ _middle: dict[tuple[Any, ...], str] = {}
 _MIDDLE_MAX: Final = 50_000
 
 
-def _statement_middle(key: tuple[Any, ...]) -> str:
-    text = (
+def middle_text(key: tuple[Any, ...]) -> str:
+    """The canonical text of a statement's middle fields (``schema.STATEMENT_SHAPE_FIELDS``);
+    TypeError when one is not a string or a sequence of strings as expected."""
+    return (
         f"{_q(key[0])},{_q(key[1])},{_q(key[2])},{_q(key[3])},{_q(key[4])},{_strs(key[5])},"
         f"{_strs(key[6])},{_strs(key[7])},{_strs(key[8])},{_strs(key[9])}"
     )
+
+
+def statement_text(t: tuple[Any, ...], seq: int, middle: str, rows: int, dur: float) -> str:
+    """The canonical serialization of a ``K_STATEMENT`` record around its ``middle_text``,
+    with ``rows`` and ``dur`` already normalized (``schema._int``, ``schema._float``)."""
+    return (
+        f'{_STMT_HEAD}{seq},{_q(t[1])},{_q(t[2])},"{iso_from_us(t[3])}",{middle},'
+        f"{rows!r},{dur!r},{_q(t[16])},{_q(t[17])}]"
+    )
+
+
+def _statement_middle(key: tuple[Any, ...]) -> str:
+    text = middle_text(key)
     with contextlib.suppress(TypeError):  # unhashable (a list): not memoized
         if len(_middle) >= _MIDDLE_MAX:
             _middle.clear()
@@ -164,16 +179,54 @@ def canonical_row(t: tuple[Any, ...], seq: int) -> tuple[str, str]:
                 middle = _middle[key]
             except (KeyError, TypeError):
                 middle = _statement_middle(key)
-            text = (
-                f'{_STMT_HEAD}{seq},{_q(t[1])},{_q(t[2])},"{iso_from_us(t[3])}",{middle},'
-                f"{rows!r},{dur!r},{_q(t[16])},{_q(t[17])}]"
-            )
+            text = statement_text(t, seq, middle, rows, dur)
         except TypeError:  # a field of an unexpected type: the generic encoder decides
             text = chain.canonical(schema.STATEMENT.name, seq, _statement_values(t))
         return schema.STATEMENT.name, text
     if kind == K_VALUES:
         return t[1], chain.canonical(t[1], seq, t[2])
     raise RejectedRecord(t[1], t[2])
+
+
+def us_from_iso(text: str) -> int:
+    """Microseconds since the epoch of a naive-UTC ISO timestamp (``utc_iso``'s form)."""
+    return (datetime.fromisoformat(text) - _EPOCH_NAIVE) // _US
+
+
+def statement_storage(values: list[Any]) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    """How a statement encoded generically (``K_VALUES`` of ``log_statement``: its
+    ``schema.row_values``) is stored: its per-statement fields (``schema.STATEMENT_ROW_FIELDS``,
+    ``ts`` in microseconds) and its shape (``schema.STATEMENT_SHAPE_FIELDS``, checked by
+    ``check_shape``). TypeError for a per-statement field the typed table cannot hold."""
+    v = values
+    if type(v[2]) is not str:
+        raise TypeError("ts")
+    row = (v[0], v[1], us_from_iso(v[2]), v[13], v[14], v[15], v[16])
+    if not (
+        type(row[0]) is str
+        and type(row[1]) is str
+        and type(row[3]) is int
+        and type(row[4]) is float
+        and type(row[5]) is str
+        and type(row[6]) is str
+    ):
+        raise TypeError("a statement field of an unexpected type")
+    return row, tuple(v[3:13])
+
+
+def check_shape(shape: tuple[Any, ...]) -> tuple[Any, ...]:
+    """``shape`` with its lists as tuples; TypeError unless it is five strings then five
+    sequences of strings."""
+    if len(shape) != 10 or any(type(x) is not str for x in shape[:5]):
+        raise TypeError("a statement field of an unexpected type")
+    lists = []
+    for x in shape[5:]:
+        if type(x) is not tuple and type(x) is not list:
+            raise TypeError("a statement list that is not a list")
+        if any(type(i) is not str for i in x):
+            raise TypeError("a statement list item that is not a string")
+        lists.append(tuple(x))
+    return (*shape[:5], *lists)
 
 
 class RejectedRecord(ValueError):

@@ -38,6 +38,23 @@ def _seq_of(path: Path, statement_id: str) -> int:
     return int(row[0])
 
 
+def _edit_statement(path: Path, statement_id: str, decision: str) -> None:
+    """Change one statement's decision the way a forger would: a shape row of its own."""
+    with duckdb.connect(str(path)) as conn:
+        conn.execute(
+            "INSERT INTO log_statement_shape SELECT (SELECT max(shape_id) + 1 FROM "
+            "log_statement_shape), * EXCLUDE (shape_id) REPLACE (? AS decision) "
+            "FROM log_statement_shape WHERE shape_id = (SELECT shape_id FROM log_statement_row "
+            "WHERE statement_id = ?)",
+            [decision, statement_id],
+        )
+        conn.execute(
+            "UPDATE log_statement_row SET shape_id = (SELECT max(shape_id) FROM "
+            "log_statement_shape) WHERE statement_id = ?",
+            [statement_id],
+        )
+
+
 def _checkpoint_seqs(path: Path) -> list[int]:
     return [cp.seq for _, cp in chain.read_checkpoints(chain.checkpoints_path(path))]
 
@@ -57,8 +74,8 @@ def test_wrong_key_fails(audit: Path) -> None:
 
 def test_edited_row_is_named(audit: Path) -> None:
     seq = _seq_of(audit, "st-3")
-    with duckdb.connect(str(audit)) as conn:
-        conn.execute("UPDATE log_statement SET decision = 'ALLOW' WHERE statement_id = 'st-3'")
+    _edit_statement(audit, "st-3", "ALLOW")
+    assert _decision(audit, "st-3") == "ALLOW"
     result = verify(audit, KEY)
     assert not result.ok
     assert (result.bad_seq, result.bad_table) == (seq, "log_statement")
@@ -66,10 +83,51 @@ def test_edited_row_is_named(audit: Path) -> None:
     assert "edited" in (result.first_bad or "")
 
 
+def _decision(path: Path, statement_id: str) -> str:
+    with duckdb.connect(str(path)) as conn:
+        row = conn.execute(
+            "SELECT decision FROM statements WHERE statement_id = ?", [statement_id]
+        ).fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+def test_an_edited_shared_shape_names_its_first_statement(audit: Path) -> None:
+    """Statements keep their repeated fields in one shape row: editing it breaks the chain
+    at the first statement that uses it."""
+    with duckdb.connect(str(audit)) as conn:
+        first = conn.execute(
+            "SELECT min(seq), count(*) FROM log_statement_row WHERE shape_id = "
+            "(SELECT shape_id FROM log_statement_row WHERE statement_id = 'extra-3')"
+        ).fetchone()
+        assert first is not None and first[1] >= 2  # the extras share one shape
+        conn.execute(
+            "UPDATE log_statement_shape SET sql_redacted = 'SELECT 1' WHERE shape_id = "
+            "(SELECT shape_id FROM log_statement_row WHERE statement_id = 'extra-3')"
+        )
+    result = verify(audit, KEY)
+    assert not result.ok
+    assert (result.bad_seq, result.bad_table) == (first[0], "log_statement")
+    assert "edited" in (result.first_bad or "")
+
+
+def test_a_statement_without_its_shape_is_missing(audit: Path) -> None:
+    seq = _seq_of(audit, "st-3")
+    with duckdb.connect(str(audit)) as conn:
+        conn.execute(
+            "DELETE FROM log_statement_shape WHERE shape_id = "
+            "(SELECT shape_id FROM log_statement_row WHERE statement_id = 'st-3')"
+        )
+    result = verify(audit, KEY)
+    assert not result.ok
+    assert result.bad_seq is not None and result.bad_seq > seq
+    assert "missing" in (result.first_bad or "")
+
+
 def test_deleted_row_is_detected(audit: Path) -> None:
     seq = _seq_of(audit, "st-3")
     with duckdb.connect(str(audit)) as conn:
-        conn.execute("DELETE FROM log_statement WHERE statement_id = 'st-3'")
+        conn.execute("DELETE FROM log_statement_row WHERE statement_id = 'st-3'")
     result = verify(audit, KEY)
     assert not result.ok
     assert result.bad_seq == seq + 1
@@ -81,7 +139,7 @@ def test_truncation_below_last_checkpoint_is_detected(audit: Path) -> None:
     keep = last_cp - 2
     with duckdb.connect(str(audit)) as conn:
         for t in schema.TABLES:
-            conn.execute(f"DELETE FROM {t.name} WHERE seq > ?", [keep])
+            conn.execute(f"DELETE FROM {schema.chain_table(t.name)} WHERE seq > ?", [keep])
     result = verify(audit, KEY)
     assert not result.ok
     assert "truncated" in (result.first_bad or "")
@@ -102,7 +160,8 @@ def _rewrite_chain_from(path: Path, from_seq: int) -> dict[int, str]:
                 canon = chain.canonical(table, seq, schema.db_values(tuple(values)))
                 row_hash = chain.row_hash(prev, canon)
                 conn.execute(
-                    f"UPDATE {table} SET prev_hash = ?, row_hash = ? WHERE seq = ?",
+                    f"UPDATE {schema.chain_table(table)} SET prev_hash = ?, row_hash = ? "
+                    "WHERE seq = ?",
                     [prev, row_hash, seq],
                 )
                 new_hashes[seq] = row_hash
@@ -112,8 +171,7 @@ def _rewrite_chain_from(path: Path, from_seq: int) -> dict[int, str]:
 
 def test_consistent_rewrite_without_key_is_detected(audit: Path) -> None:
     seq = _seq_of(audit, "st-3")
-    with duckdb.connect(str(audit)) as conn:
-        conn.execute("UPDATE log_statement SET decision = 'ALLOW' WHERE statement_id = 'st-3'")
+    _edit_statement(audit, "st-3", "ALLOW")
     _rewrite_chain_from(audit, seq)
     first_cp_after = min(s for s in _checkpoint_seqs(audit) if s >= seq)
     result = verify(audit, KEY)
@@ -124,8 +182,7 @@ def test_consistent_rewrite_without_key_is_detected(audit: Path) -> None:
 
 def test_rewritten_checkpoints_without_key_fail_hmac(audit: Path) -> None:
     seq = _seq_of(audit, "st-3")
-    with duckdb.connect(str(audit)) as conn:
-        conn.execute("UPDATE log_statement SET decision = 'ALLOW' WHERE statement_id = 'st-3'")
+    _edit_statement(audit, "st-3", "ALLOW")
     new_hashes = _rewrite_chain_from(audit, seq)
     cp_file = chain.checkpoints_path(audit)
     lines = []
@@ -179,7 +236,7 @@ async def test_start_refuses_a_truncated_audit(audit: Path) -> None:
     last_cp = max(_checkpoint_seqs(audit))
     with duckdb.connect(str(audit)) as conn:
         for t in schema.TABLES:
-            conn.execute(f"DELETE FROM {t.name} WHERE seq > ?", [last_cp - 1])
+            conn.execute(f"DELETE FROM {schema.chain_table(t.name)} WHERE seq > ?", [last_cp - 1])
     sink = DuckDBSink(audit, signing_key=KEY)
     with pytest.raises(AuditUnavailable, match="truncated"):
         await sink.start()
