@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Protocol
+from typing import Any, Protocol
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +79,11 @@ class PolicyEvent:
 
 AuditRecord = SessionStarted | SessionEnded | StatementRecord | ApprovalEvent | PolicyEvent
 
+#: A ``StatementRecord`` already in the audit pipe's form (``audit.wire``: ``K_STATEMENT``, its
+#: fields in order, ``ts`` as integer microseconds since the epoch in UTC). The relay's fast
+#: lane builds these directly: no dataclass, no datetime per statement.
+EncodedStatement = tuple[Any, ...]
+
 
 class AuditSink(Protocol):
     """Where the proxy sends audit records.
@@ -96,6 +101,11 @@ class AuditSink(Protocol):
         ``await emit(record)`` instead (the queue is full)."""
         ...
 
+    def offer_encoded(self, record: EncodedStatement) -> bool:
+        """``offer`` of a statement in its encoded form; on False the caller emits
+        ``audit.wire.decode_statement(record)``."""
+        ...
+
     async def emit_durable(self, record: AuditRecord) -> None: ...
 
 
@@ -111,6 +121,11 @@ class MemorySink:
     def offer(self, record: AuditRecord) -> bool:
         self.records.append(record)
         return True
+
+    def offer_encoded(self, record: EncodedStatement) -> bool:
+        from pgproxy.audit.wire import decode_statement  # wire imports this module
+
+        return self.offer(decode_statement(record))
 
     async def emit_durable(self, record: AuditRecord) -> None:
         self.records.append(record)

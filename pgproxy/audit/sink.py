@@ -49,8 +49,11 @@ from typing import Any, Literal, TextIO
 
 from pgproxy.audit import chain, schema, wire
 from pgproxy.audit.query import AuditQueryError, QueryRejected, QueryResult
-from pgproxy.audit.records import AuditRecord
+from pgproxy.audit.records import AuditRecord, EncodedStatement
 from pgproxy.audit.verify import VerifyResult
+
+#: what the queue holds: records, and statements the fast lane encoded itself
+_Queued = AuditRecord | EncodedStatement
 
 log = logging.getLogger("pgproxy.audit")
 
@@ -69,7 +72,7 @@ class AuditUnavailable(RuntimeError):
 @dataclass(slots=True)
 class _Batch:
     batch_id: int
-    records: list[AuditRecord]
+    records: list[_Queued]
     futures: list[asyncio.Future[None]] = field(default_factory=list)
 
 
@@ -106,7 +109,7 @@ class DuckDBSink:
         self._key = signing_key
         self._queue_size = max(1, queue_size)
         self._eager = max(1, queue_size // 4)
-        self._pending: deque[tuple[AuditRecord, asyncio.Future[None] | None]] = deque()
+        self._pending: deque[tuple[_Queued, asyncio.Future[None] | None]] = deque()
         self._space = asyncio.Event()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -228,7 +231,7 @@ class DuckDBSink:
         while not self.offer(record):
             await self._wait_for_space()
 
-    def offer(self, record: AuditRecord) -> bool:
+    def offer(self, record: _Queued) -> bool:
         if not self._started or self._closed or self._dead:
             raise AuditUnavailable("audit sink is not running")
         if self._spill_fh is not None:
@@ -245,6 +248,9 @@ class DuckDBSink:
         if len(pending) >= self._eager:
             self._wake.set()
         return True
+
+    def offer_encoded(self, record: EncodedStatement) -> bool:
+        return self.offer(record)  # queued as it is: the pipe's form already
 
     async def emit_durable(self, record: AuditRecord) -> None:
         if not self._started or self._closed or self._dead:
@@ -536,15 +542,15 @@ class DuckDBSink:
         log.info("audit spill file %s replayed (%d records)", path.name, len(records))
 
     @staticmethod
-    def _load_spill(path: Path) -> list[AuditRecord]:
-        out: list[AuditRecord] = []
+    def _load_spill(path: Path) -> list[_Queued]:
+        out: list[_Queued] = []
         with path.open(encoding="utf-8") as fh:
             for line in fh:
                 if line.strip():
                     out.append(schema.record_from_json(line))
         return out
 
-    async def _write(self, records: list[AuditRecord], futures: list[asyncio.Future[None]]) -> None:
+    async def _write(self, records: list[_Queued], futures: list[asyncio.Future[None]]) -> None:
         """Send one batch once fewer than ``_MAX_IN_FLIGHT`` are unacknowledged."""
         while len(self._in_flight) >= _MAX_IN_FLIGHT:
             self._in_flight_changed.clear()
@@ -573,7 +579,7 @@ class DuckDBSink:
                 out.append((int(m.group(1)), p))
         return out
 
-    def _spill(self, record: AuditRecord) -> None:
+    def _spill(self, record: _Queued) -> None:
         assert self.spill_dir is not None
         if self._spill_fh is None:
             self._spill_file = self.spill_dir / f"{self.path.name}.spill.{self._spill_next}.jsonl"
@@ -581,6 +587,8 @@ class DuckDBSink:
             self._spill_fh = self._spill_file.open("a", encoding="utf-8")
             self._spill_drained.clear()
             log.warning("audit queue full: spilling to %s", self._spill_file.name)
+        if isinstance(record, tuple):
+            record = wire.decode_statement(record)
         self._spill_fh.write(schema.record_to_json(record) + "\n")
         self._spill_fh.flush()
         self.spilled_total += 1

@@ -21,7 +21,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
 from pgproxy.audit import chain, schema
-from pgproxy.audit.records import AuditRecord, StatementRecord
+from pgproxy.audit.records import AuditRecord, EncodedStatement, StatementRecord
 
 HEADER: Final = struct.Struct("!IB")
 
@@ -67,8 +67,11 @@ def _generic(record: AuditRecord) -> tuple[Any, ...]:
         return (K_REJECTED, type(record).__name__, type(exc).__name__)
 
 
-def encode_record(r: AuditRecord) -> tuple[Any, ...]:
-    """One record as a marshal-able tuple (cheap for ``StatementRecord``)."""
+def encode_record(r: AuditRecord | EncodedStatement) -> tuple[Any, ...]:
+    """One record as a marshal-able tuple (cheap for ``StatementRecord``; a statement the
+    fast lane encoded itself passes as it is)."""
+    if type(r) is tuple:
+        return r
     if type(r) is StatementRecord:
         try:
             ts = r.ts
@@ -80,10 +83,21 @@ def encode_record(r: AuditRecord) -> tuple[Any, ...]:
             r.fingerprint, r.sql_redacted, r.decision, r.reasons, r.relations, r.columns,
             r.tags, r.masked_columns, r.rows, r.duration_ms, r.sqlstate, r.approval_id,
         )  # fmt: skip
-    return _generic(r)
+    return _generic(r)  # type: ignore[arg-type]  # not a tuple here
 
 
-def encode_batch(batch_id: int, records: list[AuditRecord]) -> bytes:
+def decode_statement(t: EncodedStatement) -> StatementRecord:
+    """The ``StatementRecord`` of a ``K_STATEMENT`` tuple (for the spill file and for sinks
+    that keep records as they are)."""
+    if len(t) != 18 or t[0] != K_STATEMENT:
+        raise ValueError("not an encoded statement")
+    return StatementRecord(
+        t[1], t[2], _EPOCH_AWARE + t[3] * _US, t[4], t[5], t[6], t[7], t[8], t[9], t[10], t[11],
+        t[12], t[13], t[14], t[15], t[16], t[17],
+    )  # fmt: skip
+
+
+def encode_batch(batch_id: int, records: list[AuditRecord | EncodedStatement]) -> bytes:
     """A ``BATCH`` frame for ``records``."""
     encoded = [encode_record(r) for r in records]
     try:
@@ -93,7 +107,8 @@ def encode_batch(batch_id: int, records: list[AuditRecord]) -> bytes:
             try:
                 marshal.dumps(t)
             except ValueError:
-                encoded[i] = _generic(records[i])
+                r = records[i]
+                encoded[i] = _generic(decode_statement(r) if isinstance(r, tuple) else r)
         payload = marshal.dumps((batch_id, encoded))
     return frame(BATCH, payload)
 

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, cast
 import scramp
 
 from pgproxy.audit.records import SessionEnded, SessionStarted, StatementRecord
+from pgproxy.audit.wire import K_STATEMENT, decode_statement
 from pgproxy.policy.seam import Action, SessionPolicy, Verdict
 from pgproxy.protocol import codes
 from pgproxy.protocol import messages as m
@@ -109,7 +110,8 @@ class ClientSession:
     upstream: up.Upstream | None = None
     relay: Relay | None = None
     hold_task: asyncio.Task[HoldOutcome] | None = None
-    _stmt_started: dict[int, datetime] = field(default_factory=dict)
+    #: start of each running statement, in microseconds since the epoch (``_now_us``)
+    _stmt_started: dict[int, int] = field(default_factory=dict)
     _recorded: set[int] = field(default_factory=set)
     _approvals: dict[int, str] = field(default_factory=dict)
     #: ordinary records the audit queue had no room for, in order: awaited before anything else
@@ -420,7 +422,7 @@ class ClientSession:
                 if lane is not None:  # sent as is, before any bookkeeping
                     self._transports[1].write(data)
                     sid, verdict, decision_seconds = lane
-                    self._stmt_started[sid] = datetime.now(UTC)
+                    self._stmt_started[sid] = _now_us()
                     metrics = self.proxy.metrics
                     metrics.count_statement(_DECISION[verdict.action])
                     metrics.decision_seconds.observe(decision_seconds)
@@ -446,12 +448,16 @@ class ClientSession:
                 if done is not None:  # the whole plain answer: sent as is, then recorded
                     self._transports[0].write(data)
                     sid, verdict, rows = done
-                    now = datetime.now(UTC)
+                    now = _now_us()
                     started = self._stmt_started.pop(sid, now)
-                    self.proxy.metrics.query_seconds.observe((now - started).total_seconds())
-                    record = self._record(sid, verdict, started, now, rows, "")
-                    if not self.proxy.audit.offer(record):
-                        self._unqueued.append(record)  # the audit queue is full
+                    self.proxy.metrics.query_seconds.observe((now - started) / 1e6)
+                    # the record in the audit pipe's form: no dataclass, no datetime
+                    encoded = (
+                        K_STATEMENT, self._statement_id(sid), self.info.session_id, started,
+                        *self._shape_fields(verdict), rows, (now - started) / 1000, "", "",
+                    )  # fmt: skip
+                    if not self.proxy.audit.offer_encoded(encoded):
+                        self._unqueued.append(decode_statement(encoded))  # the queue is full
                         self._process()
                     return
             relay.server_data(data)
@@ -553,7 +559,7 @@ class ClientSession:
         relay = self.relay
         assert relay is not None
         events = relay.events
-        now = datetime.now(UTC)
+        now = _now_us()
         done = 0
         for ev in events:
             if not self._event_now(ev, now):
@@ -562,7 +568,7 @@ class ClientSession:
         del events[:done]
         return not events and not self._unqueued
 
-    def _event_now(self, ev: object, now: datetime) -> bool:
+    def _event_now(self, ev: object, now: int) -> bool:
         """``_on_event`` for the events that need no waiting; False (and nothing done) for
         the others."""
         metrics = self.proxy.metrics
@@ -581,7 +587,7 @@ class ClientSession:
                 return False
             started = self._stmt_started.pop(sid, now)
             metrics.masked_cells += ev.masked_cells
-            metrics.query_seconds.observe((now - started).total_seconds())
+            metrics.query_seconds.observe((now - started) / 1e6)
             if v.admits and not ev.sqlstate and "ddl" in (v.statement_class, v.hold_class):
                 self.proxy.after_ddl()
             if recorded:
@@ -612,10 +618,10 @@ class ClientSession:
                 if not self._unqueued:
                     break
                 continue
-            await self._on_event(relay.events.pop(0), datetime.now(UTC))
+            await self._on_event(relay.events.pop(0), _now_us())
         self._write_out()
 
-    async def _on_event(self, ev: object, now: datetime) -> None:
+    async def _on_event(self, ev: object, now: int) -> None:
         """The events ``_event_now`` leaves: records that must be durable, a full queue."""
         if isinstance(ev, StatementAdmitted):
             self._stmt_started[ev.statement_id] = now
@@ -632,7 +638,7 @@ class ClientSession:
             started = self._stmt_started.pop(ev.statement_id, now)
             v = ev.verdict
             self.proxy.metrics.masked_cells += ev.masked_cells
-            self.proxy.metrics.query_seconds.observe((now - started).total_seconds())
+            self.proxy.metrics.query_seconds.observe((now - started) / 1e6)
             if v.admits and not ev.sqlstate and "ddl" in (v.statement_class, v.hold_class):
                 self.proxy.after_ddl()
             record = self._record(ev.statement_id, v, started, now, ev.rows, ev.sqlstate)
@@ -650,27 +656,25 @@ class ClientSession:
         """The audit's id of the relay's statement number ``sid`` in this session."""
         return f"{self.info.session_id}-{sid}"
 
+    def _shape_fields(self, v: Verdict) -> tuple[object, ...]:
+        """A statement record's fields from ``agent`` to ``masked_columns``: the ones a
+        statement shares with every other of its kind."""
+        return (
+            self.info.agent, v.statement_class, v.fingerprint, v.sql_redacted,
+            _DECISION[v.action], v.reasons, v.relations, v.columns, v.tags,
+            _masked_columns(v) if v.masks else (),
+        )  # fmt: skip
+
     def _record(
-        self, sid: int, v: Verdict, started: datetime, now: datetime, rows: int, sqlstate: str
+        self, sid: int, v: Verdict, started: int, now: int, rows: int, sqlstate: str
     ) -> StatementRecord:
-        return StatementRecord(
-            statement_id=self._statement_id(sid),
-            session_id=self.info.session_id,
-            ts=started,
-            agent=self.info.agent,
-            statement_class=v.statement_class,
-            fingerprint=v.fingerprint,
-            sql_redacted=v.sql_redacted,
-            decision=_DECISION[v.action],
-            reasons=v.reasons,
-            relations=v.relations,
-            columns=v.columns,
-            tags=v.tags,
-            masked_columns=_masked_columns(v) if v.masks else (),
-            rows=rows,
-            duration_ms=(now - started).total_seconds() * 1000,
-            sqlstate=sqlstate,
-        )
+        """The audit record of a statement that ran from ``started`` to ``now`` (µs)."""
+        return decode_statement(
+            (
+                K_STATEMENT, self._statement_id(sid), self.info.session_id, started,
+                *self._shape_fields(v), rows, (now - started) / 1000, sqlstate, "",
+            )
+        )  # fmt: skip
 
     async def _hold(self, ev: HoldRequested) -> HoldOutcome:
         relay = self.relay
@@ -752,6 +756,11 @@ class ClientSession:
         relay.release(False, "the held statement was cancelled by the client")
         self._process_guarded()
         return True
+
+
+def _now_us() -> int:
+    """Wall-clock time in microseconds since the epoch: statement start and end times."""
+    return time.time_ns() // 1000
 
 
 def new_backend_key() -> tuple[int, int]:

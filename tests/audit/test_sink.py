@@ -10,7 +10,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from pgproxy.audit import schema
+from pgproxy.audit import schema, wire
 from pgproxy.audit.records import PolicyEvent, StatementRecord
 from pgproxy.audit.sink import AuditUnavailable, DuckDBSink
 from pgproxy.audit.verify import verify
@@ -85,13 +85,19 @@ async def test_spill_mode_keeps_every_record_in_order(tmp_path: Path) -> None:
     await sink.start()
     sink.inject_faults(hold=True)  # the disk is slow: commits wait until released
     for i in range(200):
-        await sink.emit(stmt(f"s{i:03d}"))  # never waits
+        record = stmt(f"s{i:03d}", rows=i)
+        if i % 2:  # as the fast lane hands statements over: already encoded
+            assert sink.offer_encoded(wire.encode_record(record))
+        else:
+            await sink.emit(record)  # never waits
     assert sink.spilled_total > 100
     assert list(spill.glob("*.spill.*.jsonl"))
     sink.inject_faults(hold=False)
     await sink.close()
     with duckdb.connect(str(path), read_only=True) as conn:
         assert _ids(conn) == [f"s{i:03d}" for i in range(200)]
+        rows = conn.execute("SELECT rows, ts, agent FROM statements ORDER BY rows").fetchall()
+    assert rows == [(i, T0.replace(tzinfo=None), "triage-bot") for i in range(200)]
     assert not list(spill.glob("*.jsonl"))
     assert verify(path, KEY).ok
 
