@@ -3,12 +3,13 @@
 Frames are ``!IB`` (payload length, message type) followed by a ``marshal`` payload (a
 ``pickle`` one for replies carrying query results). Records cross as compact tuples, a whole
 batch per frame: a ``StatementRecord`` is its fields with ``ts`` as integer microseconds since
-the epoch (naive UTC), so the proxy never formats or hashes anything; other record kinds (rare:
-sessions, approvals, policy events) cross as ``schema.row_values`` output; a record the proxy
-cannot encode crosses as a rejection marker. The writer process turns the tuples into each
-row's canonical serialization (``canonical_row``), which must equal
-``chain.canonical(table, seq, schema.row_values(record)[1])`` exactly: that is what
-``pgproxy audit verify`` recomputes. This module imports no DuckDB.
+the epoch (naive UTC), so the proxy never formats or hashes anything (the relay's fast lane
+builds that tuple itself, ``EncodedStatement``); other record kinds (rare: sessions, approvals,
+policy events) cross as ``schema.row_values`` output; a record the proxy cannot encode crosses
+as a rejection marker. The writer process turns the tuples into each row's canonical
+serialization (``canonical_row``; for statements ``statement_text`` around the shape's
+``middle_text``), which must equal ``chain.canonical(table, seq, schema.row_values(record)[1])``
+exactly: that is what ``pgproxy audit verify`` recomputes. This module imports no DuckDB.
 """
 
 from __future__ import annotations

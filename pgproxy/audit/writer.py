@@ -60,7 +60,7 @@ class OpenFailed(Exception):
 
 #: shapes remembered by the writer (``log_statement_shape`` ids by value); past this many the
 #: memory starts over, and a shape seen again gets a new row (a duplicate shape is harmless)
-_SHAPES_MAX = 50_000
+_SHAPES_MAX = 10_000
 
 
 @dataclass(frozen=True, slots=True)
