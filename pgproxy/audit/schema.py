@@ -9,7 +9,7 @@ writer bulk-inserts from.
 ``log_statement``, one row per statement, is a view over two base tables: ``log_statement_row``
 (the fields that change with every statement: ids, time, counts) and ``log_statement_shape``
 (the ones that repeat: agent, class, fingerprint, redacted SQL, decision and the lists), joined
-on ``shape_id``. Storing the repeated part once makes an audit row about half as costly to
+on ``shape_id``. Storing the repeated part once makes a statement about a third cheaper to
 write; the hash chain still covers every field of the joined row, so editing a shape breaks the
 chain of every statement that uses it. ``STATEMENT_MIGRATION_SQL`` converts a file from before
 the split.

@@ -27,7 +27,12 @@ from typing import TYPE_CHECKING, cast
 
 import scramp
 
-from pgproxy.audit.records import SessionEnded, SessionStarted, StatementRecord
+from pgproxy.audit.records import (
+    EncodedStatement,
+    SessionEnded,
+    SessionStarted,
+    StatementRecord,
+)
 from pgproxy.audit.wire import K_STATEMENT, decode_statement
 from pgproxy.policy.seam import Action, SessionPolicy, Verdict
 from pgproxy.protocol import codes
@@ -452,10 +457,7 @@ class ClientSession:
                     started = self._stmt_started.pop(sid, now)
                     self.proxy.metrics.query_seconds.observe((now - started) / 1e6)
                     # the record in the audit pipe's form: no dataclass, no datetime
-                    encoded = (
-                        K_STATEMENT, self._statement_id(sid), self.info.session_id, started,
-                        *self._shape_fields(verdict), rows, (now - started) / 1000, "", "",
-                    )  # fmt: skip
+                    encoded = self._encoded(sid, verdict, started, now, rows, "")
                     if not self.proxy.audit.offer_encoded(encoded):
                         self._unqueued.append(decode_statement(encoded))  # the queue is full
                         self._process()
@@ -656,25 +658,23 @@ class ClientSession:
         """The audit's id of the relay's statement number ``sid`` in this session."""
         return f"{self.info.session_id}-{sid}"
 
-    def _shape_fields(self, v: Verdict) -> tuple[object, ...]:
-        """A statement record's fields from ``agent`` to ``masked_columns``: the ones a
-        statement shares with every other of its kind."""
+    def _encoded(
+        self, sid: int, v: Verdict, started: int, now: int, rows: int, sqlstate: str
+    ) -> EncodedStatement:
+        """The audit record of a statement that ran from ``started`` to ``now`` (µs), in
+        the audit pipe's form (what the fast lane hands over)."""
         return (
+            K_STATEMENT, self._statement_id(sid), self.info.session_id, started,
             self.info.agent, v.statement_class, v.fingerprint, v.sql_redacted,
             _DECISION[v.action], v.reasons, v.relations, v.columns, v.tags,
-            _masked_columns(v) if v.masks else (),
+            _masked_columns(v) if v.masks else (), rows, (now - started) / 1000, sqlstate, "",
         )  # fmt: skip
 
     def _record(
         self, sid: int, v: Verdict, started: int, now: int, rows: int, sqlstate: str
     ) -> StatementRecord:
-        """The audit record of a statement that ran from ``started`` to ``now`` (µs)."""
-        return decode_statement(
-            (
-                K_STATEMENT, self._statement_id(sid), self.info.session_id, started,
-                *self._shape_fields(v), rows, (now - started) / 1000, sqlstate, "",
-            )
-        )  # fmt: skip
+        """``_encoded`` as a ``StatementRecord``."""
+        return decode_statement(self._encoded(sid, v, started, now, rows, sqlstate))
 
     async def _hold(self, ev: HoldRequested) -> HoldOutcome:
         relay = self.relay
