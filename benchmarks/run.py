@@ -224,9 +224,14 @@ def start_relay(pg: Database, work: Path, mode: str) -> Service:
 
 
 def start_pgproxy(
-    pg: Database, work: Path, rules_text: str | None = None, label: str = "allow-all"
+    pg: Database,
+    work: Path,
+    rules_text: str | None = None,
+    label: str = "allow-all",
+    launcher: list[str] | None = None,
 ) -> Service:
-    """``pgproxy serve`` in front of ``pg``; the default rules tag nothing and hold nothing."""
+    """``pgproxy serve`` in front of ``pg``; the default rules tag nothing and hold nothing.
+    ``launcher`` replaces ``python -m pgproxy`` (the command that takes ``serve …``)."""
     role, db = pg.role, pg.db
     rules = work / "rules"
     rules.mkdir()
@@ -236,7 +241,7 @@ def start_pgproxy(
     )
     upstream = f"postgresql://{role}:{PASSWORD}@{pg.host}:{pg.port}/{db}?sslmode=disable"
     log = work / "pgproxy.log"
-    cmd = [sys.executable, "-m", "pgproxy", "serve", "--upstream", upstream,
+    cmd = [*(launcher or [sys.executable, "-m", "pgproxy"]), "serve", "--upstream", upstream,
            "--rules", str(rules), "--listen", "127.0.0.1:0",
            "--http", f"127.0.0.1:{free_port()}", "--audit", str(work / "audit.duckdb")]  # fmt: skip
     proc = spawn(cmd, log, work)

@@ -133,3 +133,25 @@ def test_decisions_benchmark_reports_every_statement(pg_dsn: str, tmp_path: Path
     assert set(decisions.values()) == {"ALLOW", "MASK", "HOLD", "BLOCK"}
     assert decisions["lookup masked"] == "MASK"
     assert decisions["catalog view (blocked)"] == "BLOCK"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+@pytest.mark.skipif(not _have_pgbench(), reason="pgbench is not installed")
+def test_breakdown_benchmark_runs_every_variant(pg_dsn: str, tmp_path: Path) -> None:
+    """``benchmarks/breakdown.py`` runs pgbench through the relay and each patched
+    ``pgproxy serve`` variant (each must answer pgbench, else pgbench fails the run)."""
+    out = tmp_path / "breakdown.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "breakdown.py"), "--quick",
+         "--dsn", pg_dsn, "--json", str(out)],
+        capture_output=True, text=True, timeout=200, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert list(results) == ["relay", "forward", "decide", "record", "full"]
+    for name, row in results.items():
+        assert row["tps"] and all(t > 0 for t in row["tps"]), name
+        assert all(c > 0 for c in row["cpu_us"]), name
+    for name in results:
+        assert f"| {name} |" in proc.stdout
