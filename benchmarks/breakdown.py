@@ -1,12 +1,14 @@
 """Where pgproxy's CPU per transaction goes: the fast lane with its parts cut out, side by side.
 
-    python benchmarks/breakdown.py              # 4 rounds of 4 s per variant, -c 8
-    python benchmarks/breakdown.py --quick      # 1 round of 1 s
+    python benchmarks/breakdown.py                  # 4 rounds of 4 s per variant, -c 8
+    python benchmarks/breakdown.py --clients 1      # the same at -c 1 (latency)
+    python benchmarks/breakdown.py --quick          # 1 round of 1 s
 
-Runs ``pgbench -S -c 8 -j 2`` through the relay (``relay.py``, the floor) and through
-``pgproxy serve`` started in variants that cut the fast lane's work down step by step, and
-prints each one's CPU per transaction (user + system time of the process and its children,
-over the transactions pgbench reports) and TPS, as medians of alternating rounds:
+Runs ``pgbench -S -c 8 -j 2`` (or ``-c 1``; ``-M simple`` or ``prepared``) through the relay
+(``relay.py``, the floor) and through ``pgproxy serve`` started in variants that cut the fast
+lane's work down step by step, and prints each one's CPU per transaction (user + system time
+of the process and its children, over the transactions pgbench reports), TPS and pgbench's
+average latency, as medians of alternating rounds:
 
 - ``forward``: the session's socket callbacks only write the bytes to the other side (what
   pgproxy's own I/O model costs: nothing parsed, nothing decided, nothing recorded);
@@ -49,7 +51,6 @@ from run import (  # noqa: E402  (benchmarks/ is a folder of scripts, not a pack
 )
 
 VARIANTS = ("forward", "decide", "record", "full")
-LOAD = ["-c", "8", "-j", "2"]
 
 
 def patch(variant: str) -> None:
@@ -113,6 +114,11 @@ def serve(variant: str, argv: list[str]) -> int:
     return main(argv)
 
 
+def load(args: argparse.Namespace) -> list[str]:
+    jobs = ["-j", "2"] if args.clients > 1 else []
+    return ["-c", str(args.clients), *jobs, "-M", args.mode]
+
+
 def measure(args: argparse.Namespace) -> dict[str, dict[str, list[float]]]:
     rounds, duration = (1, 1) if args.quick else (args.rounds, args.duration)
     results: dict[str, dict[str, list[float]]] = {}
@@ -140,11 +146,12 @@ def measure(args: argparse.Namespace) -> dict[str, dict[str, list[float]]]:
                     assert svc.proc is not None
                     conn = Conn("127.0.0.1", svc.port, database.role, database.db)
                     before = cpu_seconds(svc.proc.pid)
-                    tps, _, done = pgbench(conn, LOAD, duration)
+                    tps, latency_ms, done = pgbench(conn, load(args), duration)
                     cpu = (cpu_seconds(svc.proc.pid) - before) / done * 1e6
-                    row = results.setdefault(svc.name, {"cpu_us": [], "tps": []})
+                    row = results.setdefault(svc.name, {"cpu_us": [], "tps": [], "latency_us": []})
                     row["cpu_us"].append(cpu)
                     row["tps"].append(tps)
+                    row["latency_us"].append(latency_ms * 1000)
                     print(f"  {svc.name}: {cpu:.1f} µs/tx, {tps:,.0f} tps", file=sys.stderr)
         finally:
             for svc in reversed(services):
@@ -155,14 +162,20 @@ def measure(args: argparse.Namespace) -> dict[str, dict[str, list[float]]]:
 
 def render(results: dict[str, dict[str, list[float]]]) -> str:
     relay_tps = statistics.median(results["relay"]["tps"])
+    relay_latency = statistics.median(results["relay"]["latency_us"])
     lines = [
-        "| target | CPU per transaction (µs) | TPS | TPS ÷ relay |",
-        "|---|---|---|---|",
+        "| target | CPU per transaction (µs) | TPS | TPS ÷ relay | latency (µs) | "
+        "latency - relay's (µs) |",
+        "|---|---|---|---|---|---|",
     ]
     for name, row in results.items():
         tps = statistics.median(row["tps"])
         cpu = statistics.median(row["cpu_us"])
-        lines.append(f"| {name} | {cpu:.1f} | {tps:,.0f} | {tps / relay_tps:.2f}x |")
+        latency = statistics.median(row["latency_us"])
+        lines.append(
+            f"| {name} | {cpu:.1f} | {tps:,.0f} | {tps / relay_tps:.2f}x | {latency:.1f} "
+            f"| {latency - relay_latency:+.1f} |"
+        )
     return "\n".join(lines)
 
 
@@ -175,11 +188,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=4, help="alternating rounds (medians)")
     p.add_argument("--duration", type=int, default=4, help="seconds per pgbench run")
     p.add_argument("--scale", type=int, default=1, help="pgbench -i scale")
+    p.add_argument("--clients", type=int, default=8, help="pgbench -c (-j 2 above 1)")
+    p.add_argument("--mode", choices=["simple", "prepared"], default="simple", help="pgbench -M")
     p.add_argument("--dsn", help="superuser DSN of an existing Postgres (default: throwaway)")
     p.add_argument("--json", type=Path, help="also write every sample here")
     args = p.parse_args(argv)
     results = measure(args)
-    print(f"pgbench -S {' '.join(LOAD)}, medians; CPU of each process and its children")
+    print(f"pgbench -S {' '.join(load(args))}, medians; CPU of each process and its children")
     print(render(results))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
