@@ -29,13 +29,17 @@ async def audit(tmp_path: Path) -> Path:
     return path
 
 
-def _seq_of(path: Path, statement_id: str) -> int:
+def _field(path: Path, column: str, statement_id: str) -> Any:
     with duckdb.connect(str(path)) as conn:
         row = conn.execute(
-            "SELECT seq FROM log_statement WHERE statement_id = ?", [statement_id]
+            f"SELECT {column} FROM log_statement WHERE statement_id = ?", [statement_id]
         ).fetchone()
     assert row is not None
-    return int(row[0])
+    return row[0]
+
+
+def _seq_of(path: Path, statement_id: str) -> int:
+    return int(_field(path, "seq", statement_id))
 
 
 def _edit_statement(path: Path, statement_id: str, decision: str) -> None:
@@ -75,21 +79,12 @@ def test_wrong_key_fails(audit: Path) -> None:
 def test_edited_row_is_named(audit: Path) -> None:
     seq = _seq_of(audit, "st-3")
     _edit_statement(audit, "st-3", "ALLOW")
-    assert _decision(audit, "st-3") == "ALLOW"
+    assert _field(audit, "decision", "st-3") == "ALLOW"
     result = verify(audit, KEY)
     assert not result.ok
     assert (result.bad_seq, result.bad_table) == (seq, "log_statement")
     assert f"seq {seq} (log_statement)" in (result.first_bad or "")
     assert "edited" in (result.first_bad or "")
-
-
-def _decision(path: Path, statement_id: str) -> str:
-    with duckdb.connect(str(path)) as conn:
-        row = conn.execute(
-            "SELECT decision FROM statements WHERE statement_id = ?", [statement_id]
-        ).fetchone()
-    assert row is not None
-    return str(row[0])
 
 
 def test_an_edited_shared_shape_names_its_first_statement(audit: Path) -> None:
