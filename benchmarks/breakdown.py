@@ -57,6 +57,8 @@ def patch(variant: str) -> None:
     """Replace the session's socket callbacks with ``variant``'s (``full``: leave them)."""
     from pgproxy.server import session as s
 
+    if variant not in VARIANTS:
+        raise SystemExit(f"breakdown.py: unknown variant {variant!r} (one of {VARIANTS})")
     client_bytes, server_bytes = s.ClientSession._client_bytes, s.ClientSession._server_bytes
     if variant == "full":
         return
