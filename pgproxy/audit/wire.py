@@ -14,7 +14,6 @@ exactly: that is what ``pgproxy audit verify`` recomputes. This module imports n
 
 from __future__ import annotations
 
-import contextlib
 import json
 import marshal
 import struct
@@ -148,13 +147,6 @@ def _statement_values(t: tuple[Any, ...]) -> list[Any]:
     ]  # fmt: skip
 
 
-#: canonical text of a statement's middle fields (agent … masked_columns), keyed by their
-#: values: they repeat across records (one statement shape, one agent), so most rows format
-#: only their id, session, timestamp and counts. Holds only keys of str and str tuples.
-_middle: dict[tuple[Any, ...], str] = {}
-_MIDDLE_MAX: Final = 50_000
-
-
 def middle_text(key: tuple[Any, ...]) -> str:
     """The canonical text of a statement's middle fields (``schema.STATEMENT_SHAPE_FIELDS``);
     TypeError when one is not a string or a sequence of strings as expected."""
@@ -173,15 +165,6 @@ def statement_text(t: tuple[Any, ...], seq: int, middle: str, rows: int, dur: fl
     )
 
 
-def _statement_middle(key: tuple[Any, ...]) -> str:
-    text = middle_text(key)
-    with contextlib.suppress(TypeError):  # unhashable (a list): not memoized
-        if len(_middle) >= _MIDDLE_MAX:
-            _middle.clear()
-        _middle[key] = text
-    return text
-
-
 def canonical_row(t: tuple[Any, ...], seq: int) -> tuple[str, str]:
     """(table, canonical serialization) of an encoded record; raises what the generic
     ``schema.row_values`` + ``chain.canonical`` would raise for a malformed record."""
@@ -190,12 +173,9 @@ def canonical_row(t: tuple[Any, ...], seq: int) -> tuple[str, str]:
         rows = schema._int(t[14])
         dur = schema._float(t[15])
         try:
-            key = t[4:14]
-            try:
-                middle = _middle[key]
-            except (KeyError, TypeError):
-                middle = _statement_middle(key)
-            text = statement_text(t, seq, middle, rows, dur)
+            # the writer keeps each shape's middle text (``Writer.shapes``); this is the
+            # reference it is tested against
+            text = statement_text(t, seq, middle_text(t[4:14]), rows, dur)
         except TypeError:  # a field of an unexpected type: the generic encoder decides
             text = chain.canonical(schema.STATEMENT.name, seq, _statement_values(t))
         return schema.STATEMENT.name, text

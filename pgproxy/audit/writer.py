@@ -115,8 +115,8 @@ def _insert_statement_rows(conn: duckdb.DuckDBPyConnection, rows: list[tuple[Any
 
 
 def write_batch(conn: duckdb.DuckDBPyConnection, batch: PreparedBatch) -> None:
-    """Append ``batch`` in one transaction. Statements go straight into their two tables
-    through the appender (a few scalars per row, the shape once); the rare kinds go as JSON
+    """Append ``batch`` in one transaction. Statements go straight into their two tables (the
+    per-statement rows as NumPy columns, a shape row once); the rare kinds go as JSON
     payloads into a temp staging table and one ``INSERT … SELECT`` per table moves them into
     the typed base tables (one conversion in DuckDB instead of one per value in Python)."""
     conn.execute("BEGIN TRANSACTION")
@@ -348,7 +348,7 @@ class Writer:
                     table, canon = stmt, text(rec, seq, middle, n, dur)
                     h = row_hash(prev, canon)
                     if new is not None:  # only now: the row it came with is good
-                        self._remember(new, new_shapes)
+                        self._remember(new, middle, new_shapes)
                     statements.append(
                         (seq, prev, h, rec[1], rec[2], rec[3], shape_id, n, dur, rec[16], rec[17])
                     )
@@ -357,9 +357,9 @@ class Writer:
                     h = row_hash(prev, canon)
                     if table == stmt:  # a statement the proxy had to encode generically
                         f, shape = wire.statement_storage(rec[2])
-                        _, shape_id, new = self._shape(shape)
+                        middle, shape_id, new = self._shape(shape)
                         if new is not None:
-                            self._remember(new, new_shapes)
+                            self._remember(new, middle, new_shapes)
                         statements.append((seq, prev, h, f[0], f[1], f[2], shape_id, *f[3:]))
             except Exception as exc:  # a malformed record must not wedge the writer
                 detail = (
@@ -375,8 +375,8 @@ class Writer:
             rows.append((table, seq, prev, h, canon))
             prev = h
         self.seq, self.head = seq, prev
-        tables = frozenset(r[0] for r in rows) - {stmt} if len(statements) < len(rows) else None
-        return PreparedBatch(batch_id, rows, tables or frozenset(), statements, new_shapes)
+        staged = frozenset(r[0] for r in rows) - {stmt} if len(statements) < len(rows) else set()
+        return PreparedBatch(batch_id, rows, frozenset(staged), statements, new_shapes)
 
     def _shape(self, shape: tuple[Any, ...]) -> tuple[str, int, tuple[Any, ...] | None]:
         """(canonical middle text, ``log_statement_shape`` id, the shape row to store or None
@@ -389,11 +389,12 @@ class Writer:
             return (*found, None)
         return wire.middle_text(shape), self.next_shape, (self.next_shape, *shape)
 
-    def _remember(self, row: tuple[Any, ...], new_shapes: list[tuple[Any, ...]]) -> None:
+    def _remember(
+        self, row: tuple[Any, ...], middle: str, new_shapes: list[tuple[Any, ...]]
+    ) -> None:
         if len(self.shapes) >= _SHAPES_MAX:
             self.shapes.clear()
-        shape = row[1:]
-        self.shapes[shape] = (wire.middle_text(shape), row[0])
+        self.shapes[row[1:]] = (middle, row[0])
         self.next_shape = row[0] + 1
         new_shapes.append(row)
 

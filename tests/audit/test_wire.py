@@ -32,7 +32,9 @@ from .conftest import T0, stmt
 texts = st.one_of(
     st.text(),
     st.text(alphabet=st.sampled_from('a"\\\x00\x1f\x7f\u2028é😀\ud800/'), max_size=8),
-    st.sampled_from(["", "triage-bot", "SELECT 1", "ALLOW"]),  # repeats exercise the memo
+    st.sampled_from(
+        ["", "triage-bot", "SELECT 1", "ALLOW"]
+    ),  # repeats exercise the writer's shape memory
 )
 str_tuples = st.one_of(st.tuples(), st.lists(texts, max_size=4).map(tuple))
 timestamps = st.one_of(
